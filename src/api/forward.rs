@@ -1,0 +1,145 @@
+//! Leader routing: run on the leader, forward to it, or redirect.
+
+use openraft::async_runtime::WatchReceiver;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::BODY_LIMIT;
+use crate::node::Node;
+use crate::sm::ErrorCode;
+
+const HOPS_HEADER: &str = "x-concord-hops";
+const MAX_HOPS: u32 = 3;
+/// How long a request waits for an election to produce a leader before answering 503.
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+/// Forwarded requests may block (lock waits up to an hour are allowed).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(3700);
+
+/// Reads that ask for `consistency=stale` are served locally; everything else on the routes
+/// behind this middleware needs the leader.
+pub async fn route_to_leader(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let query = req.uri().query().unwrap_or("");
+    if req.method() == axum::http::Method::GET && query.split('&').any(|p| p == "consistency=stale")
+    {
+        return next.run(req).await;
+    }
+    let leader = match wait_for_leader(&node).await {
+        Some(l) => l,
+        None => {
+            return ApiError::new(ErrorCode::NoLeader, "no leader is elected; retry")
+                .into_response()
+        }
+    };
+    if leader == node.id {
+        return next.run(req).await;
+    }
+    let Some(addr) = node.node_addr(leader) else {
+        return ApiError::new(
+            ErrorCode::NoLeader,
+            format!("leader {leader} has no known address"),
+        )
+        .into_response();
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.to_string());
+    if query.split('&').any(|p| p == "redirect=true") {
+        let location = format!("http://{addr}{path}");
+        let mut resp = StatusCode::TEMPORARY_REDIRECT.into_response();
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert("location", v);
+        }
+        return resp;
+    }
+    forward(&node, req, &addr, &path).await
+}
+
+async fn wait_for_leader(node: &Node) -> Option<u64> {
+    if let Some(l) = node.current_leader() {
+        return Some(l);
+    }
+    let mut rx = node.raft.metrics();
+    let wait = async {
+        loop {
+            if let Some(l) = rx.borrow_and_update().current_leader {
+                return Some(l);
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    };
+    tokio::time::timeout(LEADER_WAIT, wait).await.ok().flatten()
+}
+
+async fn forward(node: &Node, req: Request, addr: &str, path: &str) -> Response {
+    let hops: u32 = req
+        .headers()
+        .get(HOPS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if hops >= MAX_HOPS {
+        return ApiError::new(
+            ErrorCode::Unavailable,
+            "forwarding hop limit reached; retry",
+        )
+        .into_response();
+    }
+    let method = req.method().clone();
+    let content_type = req.headers().get("content-type").cloned();
+    let body = match axum::body::to_bytes(req.into_body(), BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "request body is larger than 1 MiB",
+            )
+            .into_response()
+        }
+    };
+    let mut out = node
+        .http
+        .request(method, format!("http://{addr}{path}"))
+        .header(HOPS_HEADER, (hops + 1).to_string())
+        .timeout(FORWARD_TIMEOUT)
+        .body(body);
+    if let Some(ct) = content_type {
+        out = out.header("content-type", ct);
+    }
+    match out.send().await {
+        Ok(resp) => {
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let mut r = Response::new(Body::from(bytes));
+            *r.status_mut() = status;
+            for name in [
+                "content-type",
+                "retry-after",
+                "x-concord-leader",
+                "x-concord-index",
+                "location",
+            ] {
+                if let Some(v) = headers.get(name) {
+                    r.headers_mut().insert(name, v.clone());
+                }
+            }
+            r
+        }
+        // The outcome is unknown to us: the client must retry (with its request_id).
+        Err(e) => ApiError::new(
+            ErrorCode::Unavailable,
+            format!("forwarding to leader failed: {e}"),
+        )
+        .into_response(),
+    }
+}

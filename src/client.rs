@@ -1,0 +1,303 @@
+//! Typed HTTP client for Concord, used by the CLI, tests, bench and chaos.
+//!
+//! It talks to any of its endpoints; on a connection failure or a 503 it moves on to the next
+//! endpoint (preferring the leader named in `X-Concord-Leader` when it knows its address) and
+//! retries with backoff. Mutations carry a `request_id` generated once per call, so a retry
+//! whose first attempt did apply gets the first answer instead of applying twice.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// An error answered by the cluster (with its stable code) or a transport failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("{code}: {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        body: Value,
+    },
+    #[error("no endpoint answered: {0}")]
+    Unavailable(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> &str {
+        match self {
+            ClientError::Api { code, .. } => code,
+            ClientError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+pub struct Client {
+    endpoints: Vec<String>,
+    http: reqwest::Client,
+    current: AtomicUsize,
+    /// Total time a call keeps retrying through elections and dead endpoints.
+    pub retry_for: Duration,
+}
+
+pub fn new_request_id() -> String {
+    format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
+impl Client {
+    pub fn new(endpoints: &[String]) -> Client {
+        let endpoints = endpoints
+            .iter()
+            .map(|e| {
+                let e = e.trim().trim_end_matches('/');
+                if e.starts_with("http://") || e.starts_with("https://") {
+                    e.to_string()
+                } else {
+                    format!("http://{e}")
+                }
+            })
+            .collect();
+        Client {
+            endpoints,
+            http: reqwest::Client::builder()
+                .tcp_nodelay(true)
+                .no_proxy()
+                .build()
+                .expect("http client"),
+            current: AtomicUsize::new(0),
+            retry_for: Duration::from_secs(15),
+        }
+    }
+
+    /// One HTTP call with retries. `timeout` bounds each attempt.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        let start = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        let mut last_err;
+        loop {
+            let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+            let url = format!("{}{}", self.endpoints[i], path);
+            let mut req = self.http.request(method.clone(), &url).timeout(timeout);
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let v: Value = resp.json().await.unwrap_or(Value::Null);
+                    if status < 300 {
+                        return Ok(v);
+                    }
+                    let code = v["error"]["code"].as_str().unwrap_or("unknown").to_string();
+                    let message = v["error"]["message"].as_str().unwrap_or("").to_string();
+                    if status != 503 {
+                        return Err(ClientError::Api {
+                            status,
+                            code,
+                            message,
+                            body: v,
+                        });
+                    }
+                    last_err = format!("{url}: {code}: {message}");
+                }
+                Err(e) => last_err = format!("{url}: {e}"),
+            }
+            // Unavailable or unreachable: next endpoint, back off, try again.
+            self.current.store(i + 1, Ordering::Relaxed);
+            if start.elapsed() + backoff > self.retry_for {
+                return Err(ClientError::Unavailable(last_err));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(1000));
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.call(Method::GET, path, None, Duration::from_secs(10))
+            .await
+    }
+
+    /// A mutation: adds a fresh `request_id` that all retries share.
+    async fn mutate(
+        &self,
+        method: Method,
+        path: &str,
+        mut body: Value,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        body["request_id"] = json!(new_request_id());
+        self.call(method, path, Some(body), timeout).await
+    }
+
+    pub async fn cluster(&self) -> Result<Value, ClientError> {
+        self.get("/v1/cluster").await
+    }
+
+    pub async fn add_member(&self, id: u64, addr: &str) -> Result<Value, ClientError> {
+        let body = json!({"id": id, "addr": addr});
+        self.call(
+            Method::POST,
+            "/v1/cluster/members",
+            Some(body),
+            Duration::from_secs(120),
+        )
+        .await
+    }
+
+    pub async fn remove_member(&self, id: u64) -> Result<Value, ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/cluster/members/{id}"),
+            None,
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
+    pub async fn lease_grant(&self, ttl_ms: u64, owner: Option<&str>) -> Result<u64, ClientError> {
+        let v = self
+            .mutate(
+                Method::POST,
+                "/v1/leases",
+                json!({"ttl_ms": ttl_ms, "owner": owner}),
+                Duration::from_secs(10),
+            )
+            .await?;
+        Ok(v["lease_id"].as_u64().unwrap_or(0))
+    }
+
+    pub async fn lease_keepalive(&self, lease_id: u64) -> Result<Value, ClientError> {
+        self.mutate(
+            Method::POST,
+            &format!("/v1/leases/{lease_id}/keepalive"),
+            json!({}),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    pub async fn lease_revoke(&self, lease_id: u64) -> Result<Value, ClientError> {
+        self.mutate(
+            Method::DELETE,
+            &format!("/v1/leases/{lease_id}"),
+            json!({}),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    pub async fn lease_get(&self, lease_id: u64) -> Result<Value, ClientError> {
+        self.get(&format!("/v1/leases/{lease_id}")).await
+    }
+
+    pub async fn kv_put(&self, key: &str, body: Value) -> Result<Value, ClientError> {
+        self.mutate(
+            Method::PUT,
+            &format!("/v1/kv/{}", encode_path(key)),
+            body,
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    pub async fn kv_get(&self, key: &str, stale: bool) -> Result<Value, ClientError> {
+        let q = if stale { "?consistency=stale" } else { "" };
+        self.get(&format!("/v1/kv/{}{q}", encode_path(key))).await
+    }
+
+    pub async fn kv_delete(&self, key: &str) -> Result<Value, ClientError> {
+        self.mutate(
+            Method::DELETE,
+            &format!("/v1/kv/{}", encode_path(key)),
+            json!({}),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    pub async fn kv_list(&self, prefix: &str, limit: usize) -> Result<Value, ClientError> {
+        self.get(&format!(
+            "/v1/kv?prefix={}&limit={limit}",
+            encode_segment(prefix)
+        ))
+        .await
+    }
+
+    /// Acquire `name` for `lease_id`, waiting up to `wait_ms` in the replicated queue.
+    pub async fn lock_acquire(
+        &self,
+        name: &str,
+        lease_id: u64,
+        wait_ms: u64,
+    ) -> Result<u64, ClientError> {
+        let path = format!("/v1/locks/{}/acquire", encode_segment(name));
+        let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(15);
+        let v = self
+            .mutate(
+                Method::POST,
+                &path,
+                json!({"lease_id": lease_id, "wait_ms": wait_ms}),
+                timeout,
+            )
+            .await?;
+        Ok(v["token"].as_u64().unwrap_or(0))
+    }
+
+    pub async fn lock_release(&self, name: &str, lease_id: u64) -> Result<Value, ClientError> {
+        let path = format!("/v1/locks/{}/release", encode_segment(name));
+        self.mutate(
+            Method::POST,
+            &path,
+            json!({"lease_id": lease_id}),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    pub async fn lock_status(&self, name: &str) -> Result<Value, ClientError> {
+        self.get(&format!("/v1/locks/{}", encode_segment(name)))
+            .await
+    }
+
+    pub async fn fence_check(&self, lock: &str, token: u64) -> Result<Value, ClientError> {
+        let body = json!({"lock": lock, "token": token});
+        self.call(
+            Method::POST,
+            "/v1/fence/check",
+            Some(body),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+}
+
+/// Percent-encode a key for a URL path, keeping `/` (keys may contain slashes).
+pub fn encode_path(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Percent-encode one path segment or query value (`/` included).
+pub fn encode_segment(s: &str) -> String {
+    encode_path(s).replace('/', "%2F")
+}

@@ -1,0 +1,12 @@
+//! Concord: a Raft-replicated coordination service for AI agents.
+//!
+//! Dependency direction: `sm` <- `store` <- `node` -> `api`, `network`.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod network;
+pub mod node;
+pub mod sm;
+pub mod store;
+pub mod types;

@@ -1,0 +1,438 @@
+//! `concord`: the server (`concord serve`) and its command-line client.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use concord::client::{Client, ClientError};
+use concord::config::ServeArgs;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(
+    name = "concord",
+    version,
+    about = "Raft-replicated coordination for AI agents"
+)]
+struct Cli {
+    /// Nodes to talk to (any of them; comma separated).
+    #[arg(
+        long,
+        global = true,
+        env = "CONCORD_ENDPOINTS",
+        default_value = "127.0.0.1:7700",
+        value_delimiter = ','
+    )]
+    endpoints: Vec<String>,
+    /// Print JSON instead of human output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node (with no flags: a single-node cluster on 127.0.0.1:7700, data in ./data).
+    Serve(ServeArgs),
+    /// Cluster membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Leases (agent sessions).
+    #[command(subcommand)]
+    Lease(LeaseCmd),
+    /// The key-value store.
+    #[command(subcommand)]
+    Kv(KvCmd),
+    /// Locks with fencing tokens.
+    #[command(subcommand)]
+    Lock(LockCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Leader, term, members and indexes.
+    Status,
+    /// Add a node: it joins as a learner, catches up, then becomes a voter.
+    Add { id: u64, addr: String },
+    /// Remove a node; its id can never be used again.
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum LeaseCmd {
+    Grant {
+        #[arg(long, default_value_t = 10_000)]
+        ttl_ms: u64,
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    Keepalive {
+        id: u64,
+    },
+    Revoke {
+        id: u64,
+    },
+    Get {
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum KvCmd {
+    Put {
+        key: String,
+        value: String,
+        #[arg(long)]
+        lease: Option<u64>,
+        #[arg(long)]
+        if_version: Option<u64>,
+        #[arg(long)]
+        if_absent: bool,
+        /// Fence the write with a lock token: LOCK:TOKEN.
+        #[arg(long)]
+        fence: Option<String>,
+    },
+    Get {
+        key: String,
+        /// Read this node's state without a read index.
+        #[arg(long)]
+        stale: bool,
+    },
+    Del {
+        key: String,
+    },
+    List {
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum LockCmd {
+    Acquire {
+        name: String,
+        #[arg(long)]
+        lease: u64,
+        #[arg(long, default_value_t = 0)]
+        wait_ms: u64,
+    },
+    Release {
+        name: String,
+        #[arg(long)]
+        lease: u64,
+    },
+    Status {
+        name: String,
+    },
+    /// Hold NAME while CMD runs (keeping a lease alive); CMD gets the token in CONCORD_FENCE
+    /// and is stopped if the lease is lost.
+    Run {
+        name: String,
+        #[arg(long, default_value_t = 10_000)]
+        ttl_ms: u64,
+        #[arg(long, default_value_t = 60_000)]
+        wait_ms: u64,
+        #[arg(trailing_var_arg = true, required = true)]
+        cmd: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Cmd::Serve(args) = &cli.cmd {
+        return serve(args).await;
+    }
+    let client = Client::new(&cli.endpoints);
+    let out = |v: Value, human: String| {
+        if cli.json {
+            println!("{v}");
+        } else {
+            println!("{human}");
+        }
+    };
+    let res: Result<(), ClientError> = async {
+        match cli.cmd {
+            Cmd::Serve(_) => unreachable!("handled above"),
+            Cmd::Cluster(c) => match c {
+                ClusterCmd::Status => {
+                    let v = client.cluster().await?;
+                    let mut s = format!(
+                        "node {} leader {} term {} applied {} commit {}\n",
+                        v["id"], v["leader"], v["term"], v["applied_index"], v["commit_index"]
+                    );
+                    for m in v["members"].as_array().into_iter().flatten() {
+                        s += &format!(
+                            "  {} {} {}{}\n",
+                            m["id"],
+                            m["addr"].as_str().unwrap_or(""),
+                            m["role"].as_str().unwrap_or(""),
+                            if m["leader"] == json!(true) {
+                                " (leader)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                    out(v.clone(), s.trim_end().to_string());
+                }
+                ClusterCmd::Add { id, addr } => {
+                    let v = client.add_member(id, &addr).await?;
+                    out(
+                        v.clone(),
+                        format!("added node {id} at {addr}; voters {}", v["voters"]),
+                    );
+                }
+                ClusterCmd::Remove { id } => {
+                    let v = client.remove_member(id).await?;
+                    out(
+                        v.clone(),
+                        format!("removed node {id}; voters {}", v["voters"]),
+                    );
+                }
+            },
+            Cmd::Lease(c) => match c {
+                LeaseCmd::Grant { ttl_ms, owner } => {
+                    let id = client.lease_grant(ttl_ms, owner.as_deref()).await?;
+                    out(json!({"lease_id": id, "ttl_ms": ttl_ms}), id.to_string());
+                }
+                LeaseCmd::Keepalive { id } => {
+                    let v = client.lease_keepalive(id).await?;
+                    out(
+                        v.clone(),
+                        format!("lease {id} kept alive (ttl {} ms)", v["ttl_ms"]),
+                    );
+                }
+                LeaseCmd::Revoke { id } => {
+                    let v = client.lease_revoke(id).await?;
+                    out(v, format!("lease {id} revoked"));
+                }
+                LeaseCmd::Get { id } => {
+                    let v = client.lease_get(id).await?;
+                    out(
+                        v.clone(),
+                        format!(
+                            "lease {id} owner {} remaining {} ms of {} ms; locks {} keys {}",
+                            v["owner"], v["remaining_ms"], v["ttl_ms"], v["locks"], v["keys"]
+                        ),
+                    );
+                }
+            },
+            Cmd::Kv(c) => match c {
+                KvCmd::Put {
+                    key,
+                    value,
+                    lease,
+                    if_version,
+                    if_absent,
+                    fence,
+                } => {
+                    let fence = match fence {
+                        None => Value::Null,
+                        Some(f) => {
+                            let (lock, token) =
+                                f.rsplit_once(':').ok_or_else(|| ClientError::Api {
+                                    status: 400,
+                                    code: "invalid_argument".into(),
+                                    message: "--fence must be LOCK:TOKEN".into(),
+                                    body: Value::Null,
+                                })?;
+                            let token: u64 = token.parse().map_err(|_| ClientError::Api {
+                                status: 400,
+                                code: "invalid_argument".into(),
+                                message: "--fence token must be a number".into(),
+                                body: Value::Null,
+                            })?;
+                            json!({"lock": lock, "token": token})
+                        }
+                    };
+                    let body = json!({"value": value, "lease_id": lease, "if_version": if_version,
+                        "if_absent": if_absent, "fence": fence});
+                    let v = client.kv_put(&key, body).await?;
+                    out(
+                        v.clone(),
+                        format!("{key} version {} revision {}", v["version"], v["revision"]),
+                    );
+                }
+                KvCmd::Get { key, stale } => {
+                    let v = client.kv_get(&key, stale).await?;
+                    out(v.clone(), v["value"].as_str().unwrap_or("").to_string());
+                }
+                KvCmd::Del { key } => {
+                    let v = client.kv_delete(&key).await?;
+                    out(v.clone(), format!("{key} deleted: {}", v["deleted"]));
+                }
+                KvCmd::List { prefix, limit } => {
+                    let v = client.kv_list(&prefix, limit).await?;
+                    let lines: Vec<String> = v["kvs"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|kv| {
+                            format!(
+                                "{} = {}",
+                                kv["key"].as_str().unwrap_or(""),
+                                kv["value"].as_str().unwrap_or("")
+                            )
+                        })
+                        .collect();
+                    out(v.clone(), lines.join("\n"));
+                }
+            },
+            Cmd::Lock(c) => match c {
+                LockCmd::Acquire {
+                    name,
+                    lease,
+                    wait_ms,
+                } => {
+                    let token = client.lock_acquire(&name, lease, wait_ms).await?;
+                    out(
+                        json!({"lock": name, "lease_id": lease, "token": token}),
+                        token.to_string(),
+                    );
+                }
+                LockCmd::Release { name, lease } => {
+                    let v = client.lock_release(&name, lease).await?;
+                    out(v, format!("{name} released"));
+                }
+                LockCmd::Status { name } => {
+                    let v = client.lock_status(&name).await?;
+                    let human = match v["holder"].is_null() {
+                        true => format!("{name} is free"),
+                        false => format!(
+                            "{name} held by lease {} with token {}; {} waiting",
+                            v["holder"]["lease_id"],
+                            v["holder"]["token"],
+                            v["queue"].as_array().map_or(0, |q| q.len())
+                        ),
+                    };
+                    out(v, human);
+                }
+                LockCmd::Run {
+                    name,
+                    ttl_ms,
+                    wait_ms,
+                    cmd,
+                } => {
+                    return lock_run(&client, &name, ttl_ms, wait_ms, &cmd)
+                        .await
+                        .map(|c| {
+                            std::process::exit(c);
+                        });
+                }
+            },
+        }
+        Ok(())
+    }
+    .await;
+    match res {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            if cli.json {
+                match &e {
+                    ClientError::Api { body, .. } => println!("{body}"),
+                    ClientError::Unavailable(m) => println!(
+                        "{}",
+                        json!({"error": {"code": "unavailable", "message": m}})
+                    ),
+                }
+            } else {
+                eprintln!("error: {e}");
+            }
+            Ok(ExitCode::from(match e.code() {
+                "unavailable" | "no_leader" => 3,
+                _ => 2,
+            }))
+        }
+    }
+}
+
+async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .init();
+    let cfg = args.validate().map_err(anyhow::Error::msg)?;
+    let mut running = concord::node::start(cfg).await.context("starting node")?;
+    let node = running.node.clone();
+    tokio::select! {
+        _ = running.wait() => {}
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("shutting down");
+        }
+    }
+    let _ = node.raft.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Hold a lock while a command runs. Exit code: the command's, or 75 if the lease was lost.
+async fn lock_run(
+    client: &Client,
+    name: &str,
+    ttl_ms: u64,
+    wait_ms: u64,
+    cmd: &[String],
+) -> Result<i32, ClientError> {
+    let lease = client.lease_grant(ttl_ms, Some("concord lock run")).await?;
+    let token = match client.lock_acquire(name, lease, wait_ms).await {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = client.lease_revoke(lease).await;
+            return Err(e);
+        }
+    };
+    let mut child = match tokio::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .env("CONCORD_FENCE", token.to_string())
+        .env("CONCORD_LOCK", name)
+        .env("CONCORD_LEASE", lease.to_string())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = client.lease_revoke(lease).await;
+            eprintln!("error: cannot start {}: {e}", cmd[0]);
+            return Ok(127);
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis((ttl_ms / 3).max(100)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let code = status.ok().and_then(|s| s.code()).unwrap_or(1);
+                let _ = client.lock_release(name, lease).await;
+                let _ = client.lease_revoke(lease).await;
+                return Ok(code);
+            }
+            _ = tick.tick() => {
+                if let Err(e) = client.lease_keepalive(lease).await {
+                    if e.code() == "lease_not_found" {
+                        eprintln!("error: lease {lease} lost; stopping the command");
+                        let _ = child.kill().await;
+                        return Ok(75);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Wiring: open the store, start Raft, serve HTTP, initialize the cluster once, run the
+//! leader-only ticker, and shut down.
+
+use openraft::async_runtime::WatchReceiver;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::{BasicNode, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::api::error::ApiError;
+use crate::config::Config;
+use crate::network::Network;
+use crate::sm::{Command, ErrorCode, LogEntry, Response};
+use crate::store::{self, FsyncStats, SmShared};
+use crate::types::{NodeId, Raft};
+
+/// How often the leader checks for due deadlines.
+const TICK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// One running Concord node, shared by every request handler.
+pub struct Node {
+    pub id: NodeId,
+    pub addr: String,
+    pub raft: Raft,
+    pub sm: Arc<SmShared>,
+    pub fsync: Arc<FsyncStats>,
+    /// Client for forwarding requests to the leader (separate pool from Raft RPCs).
+    pub http: reqwest::Client,
+    /// Membership changes are serialized: one at a time.
+    pub membership_lock: Mutex<()>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// Propose a command through Raft on this node (it must be the leader) and return the
+    /// state machine's response. `ForwardToLeader` becomes `no_leader` (503, retry).
+    pub async fn propose(
+        &self,
+        cmd: Command,
+        request_id: Option<String>,
+    ) -> Result<Response, ApiError> {
+        let entry = LogEntry {
+            time_ms: now_ms(),
+            request_id,
+            cmd,
+        };
+        match self.raft.client_write(entry).await {
+            Ok(r) => Ok(r.data),
+            Err(e) => Err(write_error(e)),
+        }
+    }
+
+    pub fn current_leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow_watched().current_leader
+    }
+
+    pub fn node_addr(&self, id: NodeId) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+    }
+
+    /// Make a linearizable read possible: confirm leadership with a quorum (read index) and
+    /// wait until this node applied up to it.
+    pub async fn read_barrier(&self) -> Result<(), ApiError> {
+        self.raft
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+            .map(|_| ())
+            .map_err(|e| ApiError::new(ErrorCode::NoLeader, format!("read index failed: {e}")))
+    }
+}
+
+fn write_error(
+    e: RaftError<crate::types::TypeConfig, ClientWriteError<crate::types::TypeConfig>>,
+) -> ApiError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ApiError::new(
+            ErrorCode::NoLeader,
+            format!("this node is not the leader (leader: {:?})", f.leader_id),
+        ),
+        RaftError::APIError(e) => ApiError::new(ErrorCode::Unavailable, e.to_string()),
+        RaftError::Fatal(e) => ApiError::new(ErrorCode::Unavailable, format!("raft stopped: {e}")),
+    }
+}
+
+/// A started node: its address and how to stop it.
+pub struct Running {
+    pub node: Arc<Node>,
+    pub local_addr: std::net::SocketAddr,
+    shutdown_tx: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+    ticker: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stop serving and stop Raft; the store is closed when this returns.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown_tx.take() {
+            let _ = tx.send(());
+        }
+        self.ticker.abort();
+        let _ = self.node.raft.shutdown().await;
+        self.server.abort();
+        let _ = (&mut self.server).await;
+        let _ = (&mut self.ticker).await;
+    }
+
+    /// Wait until the server stops (for `concord serve`).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.server).await;
+    }
+}
+
+/// Open storage, start Raft and the HTTP server on an already bound listener.
+pub async fn start_with_listener(cfg: Config, listener: TcpListener) -> anyhow::Result<Running> {
+    let (log_store, sm_store) = open_store_retrying(&cfg).await?;
+    let raft_cfg = openraft::Config {
+        cluster_name: "concord".into(),
+        heartbeat_interval: cfg.heartbeat_ms,
+        election_timeout_min: cfg.election_ms,
+        election_timeout_max: cfg.election_ms * 2,
+        install_snapshot_timeout: 10_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_entries),
+        max_in_snapshot_log_to_keep: cfg.keep_logs,
+        enable_pre_vote: Some(true),
+        ..Default::default()
+    };
+    let raft_cfg = Arc::new(raft_cfg.validate()?);
+    let sm = sm_store.shared.clone();
+    let fsync = log_store.stats.clone();
+    let raft = Raft::new(cfg.id, raft_cfg, Network::new(), log_store, sm_store).await?;
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .no_proxy()
+        .build()?;
+    let node = Arc::new(Node {
+        id: cfg.id,
+        addr: cfg.advertise.clone(),
+        raft,
+        sm,
+        fsync,
+        http,
+        membership_lock: Mutex::new(()),
+    });
+    let local_addr = listener.local_addr()?;
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let app = crate::api::router(node.clone());
+    let server = tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown_rx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "http server stopped");
+        }
+    });
+    if let Some(members) = &cfg.initial_cluster {
+        initialize_once(&node, members).await?;
+    }
+    let ticker = tokio::spawn(ticker(node.clone()));
+    tracing::info!(id = cfg.id, addr = %local_addr, "concord node started");
+    Ok(Running {
+        node,
+        local_addr,
+        shutdown_tx: Some(shutdown_tx),
+        server,
+        ticker,
+    })
+}
+
+pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind(&cfg.listen).await?;
+    start_with_listener(cfg, listener).await
+}
+
+/// RocksDB keeps a lock file; a node restarted in the same process may find the previous
+/// instance still closing, so retry briefly.
+async fn open_store_retrying(
+    cfg: &Config,
+) -> anyhow::Result<(store::LogStore, store::StateMachineStore)> {
+    let mut last = None;
+    for _ in 0..50 {
+        match store::open(&cfg.data_dir) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.to_string().contains("lock") => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last
+        .map(anyhow::Error::from)
+        .unwrap_or_else(|| anyhow::anyhow!("cannot open store")))
+}
+
+/// Initialize a pristine node with the initial members. Every member does this with the same
+/// membership, which yields the same first log entry everywhere, so it is safe.
+async fn initialize_once(node: &Node, members: &BTreeMap<NodeId, String>) -> anyhow::Result<()> {
+    if node.raft.is_initialized().await? {
+        return Ok(());
+    }
+    let nodes: BTreeMap<NodeId, BasicNode> = members
+        .iter()
+        .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+        .collect();
+    if let Err(e) = node.raft.initialize(nodes).await {
+        tracing::info!(error = %e, "initialize skipped");
+    }
+    Ok(())
+}
+
+/// Leader-only: propose a `Tick` when a lease or wait deadline is due and nothing else was
+/// written. (The leader-change grace is applied by the state machine itself, on the first
+/// entry of each new term.)
+async fn ticker(node: Arc<Node>) {
+    loop {
+        tokio::time::sleep(TICK_INTERVAL).await;
+        if node.current_leader() != Some(node.id) {
+            continue;
+        }
+        let due = node
+            .sm
+            .read()
+            .sm
+            .next_deadline()
+            .is_some_and(|d| d <= now_ms());
+        if due {
+            if let Err(e) = node.propose(Command::Tick, None).await {
+                tracing::debug!(error = %e.message, "tick failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Leases: agent sessions. Ending a lease (expiry or revoke) releases everything it held and
+//! everything it waited for, and hands each released lock to the next waiter, in one step.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::{lease_not_found, ErrorCode, Response, Sm};
+
+/// Shortest TTL: the leader-change grace (not the TTL) covers elections, so a TTL only has to
+/// exceed a keepalive round trip; 1 s keeps keepalive traffic at a few writes per second.
+pub const MIN_TTL_MS: u64 = 1_000;
+/// Longest TTL: one day.
+pub const MAX_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: u64,
+    pub owner: Option<String>,
+    pub ttl_ms: u64,
+    pub granted_ms: u64,
+    pub deadline_ms: u64,
+    /// Locks this lease holds.
+    pub locks: BTreeSet<String>,
+    /// Locks this lease waits for.
+    pub waiting: BTreeSet<String>,
+    /// Keys bound to this lease.
+    pub keys: BTreeSet<String>,
+}
+
+impl Sm {
+    pub(super) fn lease_grant(
+        &mut self,
+        index: u64,
+        now: u64,
+        ttl_ms: u64,
+        owner: Option<String>,
+    ) -> Response {
+        if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&ttl_ms) {
+            return Response::reject(
+                ErrorCode::InvalidArgument,
+                format!("ttl_ms must be between {MIN_TTL_MS} and {MAX_TTL_MS}, got {ttl_ms}"),
+            );
+        }
+        // The granting entry's index is unique and deterministic: it is the lease id.
+        let lease = Lease {
+            id: index,
+            owner,
+            ttl_ms,
+            granted_ms: now,
+            deadline_ms: now + ttl_ms,
+            locks: BTreeSet::new(),
+            waiting: BTreeSet::new(),
+            keys: BTreeSet::new(),
+        };
+        self.lease_expiry.insert((lease.deadline_ms, index));
+        self.leases.insert(index, lease);
+        Response::LeaseGranted {
+            lease_id: index,
+            ttl_ms,
+        }
+    }
+
+    pub(super) fn lease_keepalive(&mut self, now: u64, lease_id: u64) -> Response {
+        let Some(lease) = self.leases.get_mut(&lease_id) else {
+            return lease_not_found(lease_id);
+        };
+        self.lease_expiry.remove(&(lease.deadline_ms, lease_id));
+        lease.deadline_ms = lease.deadline_ms.max(now + lease.ttl_ms);
+        self.lease_expiry.insert((lease.deadline_ms, lease_id));
+        Response::LeaseKept {
+            lease_id,
+            ttl_ms: lease.ttl_ms,
+        }
+    }
+
+    /// Raise every lease's remaining time to at least `grace_ms`.
+    pub(super) fn lease_grace(&mut self, now: u64, grace_ms: u64) {
+        let floor = now.saturating_add(grace_ms);
+        let short: Vec<(u64, u64)> = self
+            .lease_expiry
+            .iter()
+            .take_while(|(d, _)| *d < floor)
+            .copied()
+            .collect();
+        for (deadline, id) in short {
+            self.lease_expiry.remove(&(deadline, id));
+            self.lease_expiry.insert((floor, id));
+            if let Some(l) = self.leases.get_mut(&id) {
+                l.deadline_ms = floor;
+            }
+        }
+    }
+
+    /// End a lease: drop its waits first (so no hand-off can pick it), then its keys, then
+    /// release its locks, handing each to the next waiter with token `index`.
+    pub(super) fn end_lease(&mut self, index: u64, lease_id: u64) {
+        let Some(lease) = self.leases.remove(&lease_id) else {
+            return;
+        };
+        self.lease_expiry.remove(&(lease.deadline_ms, lease_id));
+        for name in &lease.waiting {
+            self.unqueue(name, lease_id);
+        }
+        for key in &lease.keys {
+            if self.kv.get(key).and_then(|e| e.lease_id) == Some(lease_id) {
+                self.kv.remove(key);
+            }
+        }
+        for name in &lease.locks {
+            self.release_and_hand_off(index, name);
+        }
+    }
+}

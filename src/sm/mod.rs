@@ -1,0 +1,263 @@
+//! The pure, deterministic coordination state machine.
+//!
+//! `Sm::apply` is a function of the previous state and one log entry: no IO, no clock, no
+//! randomness, no `HashMap` iteration. Time comes from the entry (`time_ms`, stamped by the
+//! leader, clamped here so it never goes backwards). Invariants kept by every apply:
+//!
+//! - a lock has at most one holder; a lock without a holder has an empty queue;
+//! - every waiter's lease exists (waiters of an ending lease are removed in the same step that
+//!   ends it, before any hand-off), so a dead lease is never granted anything;
+//! - a lock's tokens strictly increase: a token is the log index of the granting entry;
+//! - the expiry indexes hold exactly the live leases and waiters.
+
+mod kv;
+mod lease;
+mod lock;
+mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+pub use kv::KvEntry;
+pub use lease::{Lease, MAX_TTL_MS, MIN_TTL_MS};
+pub use lock::{Holder, Lock, Waiter};
+pub use types::*;
+
+/// How long an idempotency key is remembered, in log time.
+pub const DEDUP_RETENTION_MS: u64 = 5 * 60 * 1000;
+/// On the first entry of every new leader term, every lease gets at least this much time
+/// left (before expiry runs), so keepalives that could not be written during an election do
+/// not end sessions. A TTL is therefore a lower bound: it can stretch by at most this plus the
+/// election time, once per leader change.
+pub const LEADER_GRACE_MS: u64 = 2_000;
+/// Longest a lock waiter may wait.
+pub const MAX_WAIT_MS: u64 = 60 * 60 * 1000;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Dedup {
+    time_ms: u64,
+    response: Response,
+}
+
+/// The whole replicated coordination state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sm {
+    /// Log time of the last applied entry (monotonic).
+    pub time_ms: u64,
+    /// Index of the last applied entry.
+    pub index: u64,
+    /// Leader term of the last applied normal entry.
+    #[serde(default)]
+    pub term: u64,
+    pub leases: BTreeMap<u64, Lease>,
+    /// (deadline_ms, lease_id) of every live lease.
+    lease_expiry: BTreeSet<(u64, u64)>,
+    pub kv: BTreeMap<String, KvEntry>,
+    pub locks: BTreeMap<String, Lock>,
+    /// (deadline_ms, lock, lease_id) of every waiter.
+    wait_expiry: BTreeSet<(u64, String, u64)>,
+    dedup: BTreeMap<String, Dedup>,
+    dedup_by_time: BTreeSet<(u64, String)>,
+    /// Node ids removed from the cluster: never reused.
+    #[serde(default)]
+    pub retired_nodes: BTreeSet<u64>,
+}
+
+impl Sm {
+    pub fn new() -> Sm {
+        Sm::default()
+    }
+
+    /// Apply one normal log entry at `index`, proposed by the leader of `term`.
+    pub fn apply(&mut self, index: u64, term: u64, entry: &LogEntry) -> Response {
+        let now = entry.time_ms.max(self.time_ms);
+        self.time_ms = now;
+        self.index = index;
+        // The first entry of a new leader carries the grace; it must run before expiry, or
+        // leases whose deadline passed during the election would die in this very entry.
+        if term > self.term {
+            self.term = term;
+            self.lease_grace(now, LEADER_GRACE_MS);
+        }
+        self.expire(now, index);
+        self.forget_old_requests(now);
+        if let Some(id) = &entry.request_id {
+            if let Some(d) = self.dedup.get(id) {
+                return d.response.clone();
+            }
+        }
+        let response = self.dispatch(index, now, &entry.cmd);
+        if let Some(id) = &entry.request_id {
+            self.dedup.insert(
+                id.clone(),
+                Dedup {
+                    time_ms: now,
+                    response: response.clone(),
+                },
+            );
+            self.dedup_by_time.insert((now, id.clone()));
+        }
+        response
+    }
+
+    /// A non-normal entry (blank, membership) still advances the index.
+    pub fn apply_other(&mut self, index: u64) {
+        self.index = index;
+    }
+
+    fn dispatch(&mut self, index: u64, now: u64, cmd: &Command) -> Response {
+        match cmd {
+            Command::Tick => Response::Done,
+            Command::LeaseGrant { ttl_ms, owner } => {
+                self.lease_grant(index, now, *ttl_ms, owner.clone())
+            }
+            Command::LeaseKeepAlive { lease_id } => self.lease_keepalive(now, *lease_id),
+            Command::LeaseRevoke { lease_id } => match self.leases.contains_key(lease_id) {
+                true => {
+                    self.end_lease(index, *lease_id);
+                    Response::LeaseRevoked {
+                        lease_id: *lease_id,
+                    }
+                }
+                false => lease_not_found(*lease_id),
+            },
+            Command::KvPut {
+                key,
+                value,
+                lease_id,
+                if_version,
+                if_absent,
+                fence,
+            } => self.kv_put(
+                index,
+                key,
+                value,
+                *lease_id,
+                *if_version,
+                *if_absent,
+                fence.as_ref(),
+            ),
+            Command::KvDelete { key, if_version } => self.kv_delete(index, key, *if_version),
+            Command::LockAcquire {
+                name,
+                lease_id,
+                wait_ms,
+            } => self.lock_acquire(index, now, name, *lease_id, *wait_ms),
+            Command::LockRelease { name, lease_id } => self.lock_release(index, name, *lease_id),
+            Command::RetireNode { node_id } => {
+                self.retired_nodes.insert(*node_id);
+                Response::Done
+            }
+        }
+    }
+
+    /// End every lease and waiter whose deadline is at or before `now`, in deadline order (a
+    /// wait ending at the same time as a lease ends first), so a waiter that gave up is never
+    /// handed a lock by a later expiry in the same step.
+    fn expire(&mut self, now: u64, index: u64) {
+        loop {
+            let lease = self.lease_expiry.first().copied().filter(|e| e.0 <= now);
+            let wait = self.wait_expiry.first().cloned().filter(|e| e.0 <= now);
+            match (lease, wait) {
+                (Some((l, _)), Some((w, name, lease_id))) if w <= l => {
+                    self.remove_waiter(&name, lease_id)
+                }
+                (None, Some((_, name, lease_id))) => self.remove_waiter(&name, lease_id),
+                (Some((_, lease_id)), _) => self.end_lease(index, lease_id),
+                (None, None) => break,
+            }
+        }
+    }
+
+    fn forget_old_requests(&mut self, now: u64) {
+        while let Some((t, id)) = self.dedup_by_time.first().cloned() {
+            if t + DEDUP_RETENTION_MS > now {
+                break;
+            }
+            self.dedup_by_time.pop_first();
+            self.dedup.remove(&id);
+        }
+    }
+
+    /// The earliest lease or wait deadline, if any: the leader proposes a `Tick` once it passes.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let a = self.lease_expiry.first().map(|e| e.0);
+        let b = self.wait_expiry.first().map(|e| e.0);
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Check the structural invariants; used by tests after every apply.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut lease_expiry = BTreeSet::new();
+        for (id, l) in &self.leases {
+            lease_expiry.insert((l.deadline_ms, *id));
+            for name in &l.locks {
+                let holder = self.locks.get(name).and_then(|k| k.holder.as_ref());
+                if holder.map(|h| h.lease_id) != Some(*id) {
+                    return Err(format!("lease {id} claims lock {name} it does not hold"));
+                }
+            }
+            for key in &l.keys {
+                if self.kv.get(key).and_then(|e| e.lease_id) != Some(*id) {
+                    return Err(format!("lease {id} claims key {key} not bound to it"));
+                }
+            }
+        }
+        if lease_expiry != self.lease_expiry {
+            return Err("lease expiry index out of sync".into());
+        }
+        let mut wait_expiry = BTreeSet::new();
+        for (name, lock) in &self.locks {
+            match &lock.holder {
+                None if !lock.queue.is_empty() => {
+                    return Err(format!("lock {name} has waiters but no holder"))
+                }
+                None => return Err(format!("empty lock {name} kept")),
+                Some(h) => match self.leases.get(&h.lease_id) {
+                    Some(l) if l.locks.contains(name) => {}
+                    _ => return Err(format!("lock {name} held by dead lease {}", h.lease_id)),
+                },
+            }
+            let mut seen = BTreeSet::new();
+            for w in &lock.queue {
+                if !seen.insert(w.lease_id) {
+                    return Err(format!("lease {} queued twice on {name}", w.lease_id));
+                }
+                match self.leases.get(&w.lease_id) {
+                    Some(l) if l.waiting.contains(name) => {}
+                    _ => return Err(format!("dead lease {} waits on {name}", w.lease_id)),
+                }
+                if Some(w.lease_id) == lock.holder.as_ref().map(|h| h.lease_id) {
+                    return Err(format!("holder of {name} also queued"));
+                }
+                wait_expiry.insert((w.deadline_ms, name.clone(), w.lease_id));
+            }
+        }
+        if wait_expiry != self.wait_expiry {
+            return Err("wait expiry index out of sync".into());
+        }
+        for (key, e) in &self.kv {
+            if let Some(id) = e.lease_id {
+                match self.leases.get(&id) {
+                    Some(l) if l.keys.contains(key) => {}
+                    _ => return Err(format!("key {key} bound to dead lease {id}")),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lease_not_found(lease_id: u64) -> Response {
+    Response::reject(
+        ErrorCode::LeaseNotFound,
+        format!("lease {lease_id} does not exist or has expired"),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,207 @@
+//! Commands, responses and error codes of the replicated state machine.
+//!
+//! These types are part of the log format: they are stored on disk (JSON) and sent between
+//! nodes (bincode). Evolve them only by adding enum variants and `#[serde(default)]` fields, so
+//! old logs always replay (DESIGN rule 8). Never use `skip_serializing_if` or untagged enums
+//! here: bincode needs every field on the wire.
+
+use serde::{Deserialize, Serialize};
+
+/// One entry of the replicated log as the application sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Leader wall-clock time when the entry was proposed; the state machine clamps it so that
+    /// time never goes backwards.
+    pub time_ms: u64,
+    /// Idempotency key: a retried request with the same id applies once.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    pub cmd: Command,
+}
+
+/// A guard on a KV write: the write applies only if `token` is the current holder's token of
+/// `lock`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub lock: String,
+    pub token: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Proposed by the leader when a deadline is due and nothing else is written.
+    Tick,
+    LeaseGrant {
+        ttl_ms: u64,
+        owner: Option<String>,
+    },
+    LeaseKeepAlive {
+        lease_id: u64,
+    },
+    LeaseRevoke {
+        lease_id: u64,
+    },
+    KvPut {
+        key: String,
+        value: String,
+        lease_id: Option<u64>,
+        if_version: Option<u64>,
+        if_absent: bool,
+        fence: Option<Fence>,
+    },
+    KvDelete {
+        key: String,
+        if_version: Option<u64>,
+    },
+    /// `wait_ms` 0 is try-lock; otherwise the lease waits in the lock's FIFO queue until it is
+    /// granted, its lease ends, or `time_ms + wait_ms` passes.
+    LockAcquire {
+        name: String,
+        lease_id: u64,
+        wait_ms: u64,
+    },
+    LockRelease {
+        name: String,
+        lease_id: u64,
+    },
+    /// A node id removed from the cluster; it may never be used again.
+    RetireNode {
+        node_id: u64,
+    },
+}
+
+impl Command {
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Tick => "tick",
+            Command::LeaseGrant { .. } => "lease_grant",
+            Command::LeaseKeepAlive { .. } => "lease_keepalive",
+            Command::LeaseRevoke { .. } => "lease_revoke",
+            Command::KvPut { .. } => "kv_put",
+            Command::KvDelete { .. } => "kv_delete",
+            Command::LockAcquire { .. } => "lock_acquire",
+            Command::LockRelease { .. } => "lock_release",
+            Command::RetireNode { .. } => "retire_node",
+        }
+    }
+}
+
+/// Stable, machine-readable error codes. The HTTP mapping lives in `api/error.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidArgument,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    LeaseNotFound,
+    Conflict,
+    LockHeld,
+    Timeout,
+    Fenced,
+    PreconditionFailed,
+    PayloadTooLarge,
+    NoLeader,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::LeaseNotFound => "lease_not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::LockHeld => "lock_held",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Fenced => "fenced",
+            ErrorCode::PreconditionFailed => "precondition_failed",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::NoLeader => "no_leader",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A domain rejection: the entry applied, nothing changed, and this says why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Current version of the key, for `precondition_failed`.
+    #[serde(default)]
+    pub current_version: Option<u64>,
+    /// Current holder's token, for `lock_held` and `fenced`.
+    #[serde(default)]
+    pub current_token: Option<u64>,
+}
+
+impl Rejection {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            message: message.into(),
+            current_version: None,
+            current_token: None,
+        }
+    }
+}
+
+/// The outcome of applying one command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    #[default]
+    Done,
+    LeaseGranted {
+        lease_id: u64,
+        ttl_ms: u64,
+    },
+    LeaseKept {
+        lease_id: u64,
+        ttl_ms: u64,
+    },
+    LeaseRevoked {
+        lease_id: u64,
+    },
+    KvPut {
+        version: u64,
+        revision: u64,
+    },
+    KvDeleted {
+        deleted: bool,
+        revision: u64,
+    },
+    LockGranted {
+        token: u64,
+    },
+    /// The lease waits in the queue; `position` 1 is next in line.
+    LockQueued {
+        position: u64,
+    },
+    LockReleased {
+        /// The lease the lock was handed to in the same step, if any.
+        next_holder: Option<u64>,
+    },
+    Rejected(Rejection),
+}
+
+impl Response {
+    pub fn reject(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Rejected(Rejection::new(code, message))
+    }
+}
+
+impl std::fmt::Display for LogEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.cmd.kind(), self.time_ms)
+    }
+}
+
+impl std::fmt::Display for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}

@@ -1,0 +1,218 @@
+//! The Raft log and vote on RocksDB, with group-committed fsyncs.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::{LogState, OptionalSend, RaftLogReader};
+use rocksdb::{ColumnFamily, Direction, IteratorMode, WriteBatch, DB};
+use serde::{de::DeserializeOwned, Serialize};
+
+use super::{invalid_data, io_err, CF_LOGS, CF_META};
+use crate::types::{Entry, LogId, TypeConfig, Vote};
+
+/// Counters for group commit: how many appends each fsync covered.
+#[derive(Debug, Default)]
+pub struct FsyncStats {
+    pub fsyncs: AtomicU64,
+    pub appends: AtomicU64,
+    pub entries: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+    flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
+    pub stats: Arc<FsyncStats>,
+}
+
+impl LogStore {
+    pub(super) fn new(db: Arc<DB>) -> LogStore {
+        let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
+        let stats = Arc::new(FsyncStats::default());
+        let flush_db = db.clone();
+        let flush_stats = stats.clone();
+        // One fsync covers every append whose batch was written before it started.
+        std::thread::Builder::new()
+            .name("concord-wal-fsync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    let res = flush_db.flush_wal(true);
+                    flush_stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                    flush_stats
+                        .appends
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    for cb in batch {
+                        cb.io_completed(res.as_ref().map(|_| ()).map_err(io_err));
+                    }
+                }
+            })
+            .expect("spawn fsync thread");
+        LogStore {
+            db,
+            flusher: tx,
+            stats,
+        }
+    }
+
+    fn cf_meta(&self) -> &ColumnFamily {
+        self.db.cf_handle(CF_META).expect("meta column family")
+    }
+
+    fn cf_logs(&self) -> &ColumnFamily {
+        self.db.cf_handle(CF_LOGS).expect("logs column family")
+    }
+
+    fn get_meta<T: DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
+        match self.db.get_cf(self.cf_meta(), key).map_err(io_err)? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b).map(Some).map_err(invalid_data),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> io::Result<()> {
+        let b = serde_json::to_vec(value).map_err(invalid_data)?;
+        self.db.put_cf(self.cf_meta(), key, b).map_err(io_err)
+    }
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn key_index(key: &[u8]) -> io::Result<u64> {
+    let b: [u8; 8] = key.try_into().map_err(invalid_data)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => *x + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf(
+            self.cf_logs(),
+            IteratorMode::From(&index_key(start), Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item.map_err(io_err)?;
+            let index = key_index(&k)?;
+            if !range.contains(&index) {
+                break;
+            }
+            let entry: Entry = serde_json::from_slice(&v).map_err(invalid_data)?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        self.get_meta("vote")
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged: Option<LogId> = self.get_meta("last_purged")?;
+        let last = match self
+            .db
+            .iterator_cf(self.cf_logs(), IteratorMode::End)
+            .next()
+        {
+            None => None,
+            Some(item) => {
+                let (_, v) = item.map_err(io_err)?;
+                let e: Entry = serde_json::from_slice(&v).map_err(invalid_data)?;
+                Some(e.log_id())
+            }
+        };
+        Ok(LogState {
+            last_log_id: last.or(last_purged),
+            last_purged_log_id: last_purged,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.put_meta("vote", vote)?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush_wal(true).map_err(io_err))
+            .await
+            .map_err(io_err)?
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        self.put_meta("committed", &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.get_meta::<Option<LogId>>("committed")?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        for entry in entries {
+            let v = serde_json::to_vec(&entry).map_err(invalid_data)?;
+            batch.put_cf(self.cf_logs(), index_key(entry.index()), v);
+            n += 1;
+        }
+        // Written (readable) now; acknowledged once the flusher's fsync covers it.
+        self.db.write(batch).map_err(io_err)?;
+        self.stats.entries.fetch_add(n, Ordering::Relaxed);
+        self.flusher
+            .send(callback)
+            .map_err(|_| io_err("fsync thread stopped"))
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |l| l.index() + 1);
+        self.db
+            .delete_range_cf(self.cf_logs(), index_key(from), index_key(u64::MAX))
+            .map_err(io_err)?;
+        // Delete the last key too: the range end is exclusive.
+        self.db
+            .delete_cf(self.cf_logs(), index_key(u64::MAX))
+            .map_err(io_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        // Record the purge point first: a restart between the two steps must not see a gap.
+        self.put_meta("last_purged", &log_id)?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush_wal(true).map_err(io_err))
+            .await
+            .map_err(io_err)??;
+        self.db
+            .delete_range_cf(self.cf_logs(), index_key(0), index_key(log_id.index() + 1))
+            .map_err(io_err)
+    }
+}

@@ -1,0 +1,168 @@
+//! In-process 3-node cluster: forwarding, failover, restart recovery, snapshot to a new node.
+
+mod common;
+
+use openraft::async_runtime::WatchReceiver;
+use std::time::Duration;
+
+use common::TestCluster;
+use serde_json::json;
+
+fn follower_of(c: &TestCluster, leader: u64) -> u64 {
+    *c.nodes.keys().find(|id| **id != leader).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_through_a_follower_survive_a_leader_kill() {
+    let mut c = TestCluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let follower = follower_of(&c, leader);
+    let cl = c.client(follower);
+
+    // Every write goes through a follower, which forwards it.
+    let lease = cl.lease_grant(60_000, Some("agent-a")).await.unwrap();
+    let put = cl.kv_put("config/a", json!({"value": "1"})).await.unwrap();
+    assert_eq!(put["version"], 1);
+    let bound = cl
+        .kv_put("session/a", json!({"value": "alive", "lease_id": lease}))
+        .await
+        .unwrap();
+    assert_eq!(bound["version"], 1);
+    let token1 = cl.lock_acquire("job", lease, 0).await.unwrap();
+    assert!(token1 > 0);
+    let fenced = cl
+        .kv_put(
+            "guarded",
+            json!({"value": "x", "fence": {"lock": "job", "token": token1}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fenced["version"], 1);
+
+    // A second agent queues behind the first.
+    let lease_b = cl.lease_grant(60_000, Some("agent-b")).await.unwrap();
+    let try_b = cl.lock_acquire("job", lease_b, 0).await.unwrap_err();
+    assert_eq!(try_b.code(), "lock_held");
+
+    c.kill(leader).await;
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, leader);
+
+    let cl = c.client_all();
+    let v = cl.kv_get("config/a", false).await.unwrap();
+    assert_eq!(v["value"], "1");
+    let v = cl.kv_get("session/a", false).await.unwrap();
+    assert_eq!(v["lease_id"], lease);
+    let lock = cl.lock_status("job").await.unwrap();
+    assert_eq!(lock["holder"]["lease_id"], lease);
+    assert_eq!(lock["holder"]["token"], token1);
+    let info = cl.lease_get(lease).await.unwrap();
+    assert_eq!(info["locks"], json!(["job"]));
+
+    // The token sequence continues past the failover.
+    cl.lock_release("job", lease).await.unwrap();
+    let token2 = cl.lock_acquire("job", lease_b, 0).await.unwrap();
+    assert!(token2 > token1, "token {token2} must exceed {token1}");
+    let stale = cl
+        .kv_put(
+            "guarded",
+            json!({"value": "y", "fence": {"lock": "job", "token": token1}}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), "fenced");
+    let check = cl.fence_check("job", token1).await.unwrap();
+    assert_eq!(check["valid"], false);
+    assert_eq!(check["current_token"], token2);
+
+    // Revoking the lease drops its keys.
+    cl.lease_revoke(lease).await.unwrap();
+    assert_eq!(
+        cl.kv_get("session/a", false).await.unwrap_err().code(),
+        "not_found"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarted_node_recovers_from_disk_and_catches_up() {
+    let mut c = TestCluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let cl = c.client(leader);
+    for i in 0..20 {
+        cl.kv_put(&format!("k{i}"), json!({"value": format!("v{i}")}))
+            .await
+            .unwrap();
+    }
+    let victim = follower_of(&c, leader);
+    c.kill(victim).await;
+    let cl = c.client_all();
+    for i in 20..40 {
+        cl.kv_put(&format!("k{i}"), json!({"value": format!("v{i}")}))
+            .await
+            .unwrap();
+    }
+    let target = c.applied(leader);
+    c.restart(victim).await;
+    c.wait_applied(victim, target).await;
+    let local = c.client(victim);
+    for i in [0, 19, 20, 39] {
+        let v = local.kv_get(&format!("k{i}"), true).await.unwrap();
+        assert_eq!(v["value"], format!("v{i}"), "key k{i} on restarted node");
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_added_later_gets_a_snapshot() {
+    // Snapshot every 50 entries and keep only 10 behind it, so a new node cannot get the
+    // beginning of the log and must install a snapshot.
+    let mut c = TestCluster::start_with(3, 50, 10).await;
+    let leader = c.wait_leader().await;
+    let cl = c.client(leader);
+    let lease = cl.lease_grant(60_000, None).await.unwrap();
+    let token = cl.lock_acquire("snap-lock", lease, 0).await.unwrap();
+    for i in 0..150 {
+        cl.kv_put(&format!("s{i}"), json!({"value": i.to_string()}))
+            .await
+            .unwrap();
+    }
+    // Wait until the leader has purged the start of its log.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = c.nodes[&leader]
+            .node
+            .raft
+            .metrics()
+            .borrow_watched()
+            .clone();
+        if m.purged.as_ref().is_some_and(|p| p.index > 10) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "leader never purged its log"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let addr = c.start_joiner(4).await;
+    let added = cl.add_member(4, &addr).await.unwrap();
+    assert_eq!(added["voters"], json!([1, 2, 3, 4]));
+    c.wait_applied(4, c.applied(leader)).await;
+    let m = c.nodes[&4].node.raft.metrics().borrow_watched().clone();
+    assert!(
+        m.snapshot.is_some(),
+        "node 4 should have installed a snapshot"
+    );
+    let local = c.client(4);
+    assert_eq!(local.kv_get("s0", true).await.unwrap()["value"], "0");
+    assert_eq!(local.kv_get("s149", true).await.unwrap()["value"], "149");
+    let lock = local.lock_status("snap-lock").await.unwrap();
+    assert_eq!(lock["holder"]["token"], token);
+
+    // Removing a node retires its id for good.
+    cl.remove_member(4).await.unwrap();
+    let again = cl.add_member(4, &addr).await.unwrap_err();
+    assert_eq!(again.code(), "conflict");
+    c.shutdown().await;
+}
