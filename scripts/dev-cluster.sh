@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-cargo build --bin concord
+cargo build --all-targets  # same units as the tests: one RocksDB build
 BIN="$CARGO_TARGET_DIR/debug/concord"
 INITIAL="1=127.0.0.1:7701,2=127.0.0.1:7702,3=127.0.0.1:7703"
 mkdir -p data

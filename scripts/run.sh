@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-cargo build --bin concord
+cargo build --all-targets  # same units as the tests: one RocksDB build
 exec "$CARGO_TARGET_DIR/debug/concord" serve "$@"

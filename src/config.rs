@@ -38,6 +38,18 @@ pub struct ServeArgs {
     /// Take a snapshot after this many log entries.
     #[arg(long, env = "CONCORD_SNAPSHOT_ENTRIES", default_value_t = 20000)]
     pub snapshot_entries: u64,
+    /// Enable the link fault switch (`/admin/faults`) for chaos tests. Off by default.
+    #[arg(long, env = "CONCORD_ENABLE_FAULT_INJECTION", default_value_t = false)]
+    pub enable_fault_injection: bool,
+    /// UNSAFE, for testing the chaos checkers only: serve reads from local state without a
+    /// read index, so a partitioned old leader answers stale reads.
+    #[arg(
+        long,
+        env = "CONCORD_UNSAFE_STALE_READS",
+        default_value_t = false,
+        hide = true
+    )]
+    pub unsafe_stale_reads: bool,
 }
 
 /// Validated configuration.
@@ -54,6 +66,8 @@ pub struct Config {
     pub snapshot_entries: u64,
     /// Log entries kept behind a snapshot (for slow followers).
     pub keep_logs: u64,
+    pub fault_injection: bool,
+    pub unsafe_stale_reads: bool,
 }
 
 impl ServeArgs {
@@ -96,6 +110,8 @@ impl ServeArgs {
             election_ms: self.election_ms,
             snapshot_entries: self.snapshot_entries.max(10),
             keep_logs: 1000,
+            fault_injection: self.enable_fault_injection,
+            unsafe_stale_reads: self.unsafe_stale_reads,
         })
     }
 }
@@ -142,6 +158,8 @@ impl Config {
             election_ms: 600,
             snapshot_entries: 20000,
             keep_logs: 1000,
+            fault_injection: false,
+            unsafe_stale_reads: false,
         }
     }
 }

@@ -3,8 +3,10 @@
 //! Dependency direction: `sm` <- `store` <- `node` -> `api`, `network`.
 
 pub mod api;
+pub mod chaos;
 pub mod client;
 pub mod config;
+pub mod faults;
 pub mod network;
 pub mod node;
 pub mod sm;

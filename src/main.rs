@@ -48,6 +48,8 @@ enum Cmd {
     /// Locks with fencing tokens.
     #[command(subcommand)]
     Lock(LockCmd),
+    /// Start a cluster of real processes, drive it, inject faults, and check the history.
+    Chaos(concord::chaos::runner::ChaosArgs),
 }
 
 #[derive(Subcommand)]
@@ -58,6 +60,8 @@ enum ClusterCmd {
     Add { id: u64, addr: String },
     /// Remove a node; its id can never be used again.
     Remove { id: u64 },
+    /// Exit 0 if the first endpoint is ready (leader known, caught up); for health checks.
+    Ready,
 }
 
 #[derive(Subcommand)]
@@ -160,6 +164,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Cmd::Serve(args) = &cli.cmd {
         return serve(args).await;
     }
+    if let Cmd::Chaos(args) = &cli.cmd {
+        let summary = concord::chaos::runner::run(args.clone()).await?;
+        concord::chaos::runner::print_summary(&summary);
+        return Ok(if summary.violations.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
     let client = Client::new(&cli.endpoints);
     let out = |v: Value, human: String| {
         if cli.json {
@@ -170,7 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let res: Result<(), ClientError> = async {
         match cli.cmd {
-            Cmd::Serve(_) => unreachable!("handled above"),
+            Cmd::Serve(_) | Cmd::Chaos(_) => unreachable!("handled above"),
             Cmd::Cluster(c) => match c {
                 ClusterCmd::Status => {
                     let v = client.cluster().await?;
@@ -199,6 +212,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         v.clone(),
                         format!("added node {id} at {addr}; voters {}", v["voters"]),
                     );
+                }
+                ClusterCmd::Ready => {
+                    let url = format!(
+                        "http://{}/ready",
+                        cli.endpoints[0].trim_start_matches("http://")
+                    );
+                    let ready = reqwest::Client::new()
+                        .get(url)
+                        .timeout(Duration::from_secs(2))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success());
+                    if !ready {
+                        return Err(ClientError::Unavailable("not ready".into()));
+                    }
+                    out(json!({"ready": true}), "ready".into());
                 }
                 ClusterCmd::Remove { id } => {
                     let v = client.remove_member(id).await?;

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io::Cursor;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::alias::SnapshotOf;
@@ -16,18 +17,24 @@ use openraft::{BasicNode, OptionalSend};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::faults::Faults;
 use crate::types::{NodeId, SnapshotMeta, TypeConfig, Vote};
 
 /// Body of `/raft/snapshot`.
 pub type SnapshotRequest = (Vote, SnapshotMeta, Vec<u8>);
 
+/// Header naming the sending node on Raft RPCs (for the fault switch on the receiver).
+pub const FROM_HEADER: &str = "x-concord-from";
+
 #[derive(Clone)]
 pub struct Network {
     client: reqwest::Client,
+    id: NodeId,
+    faults: Arc<Faults>,
 }
 
 impl Network {
-    pub fn new() -> Network {
+    pub fn new(id: NodeId, faults: Arc<Faults>) -> Network {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_max_idle_per_host(16)
@@ -35,13 +42,7 @@ impl Network {
             .no_proxy()
             .build()
             .expect("http client");
-        Network { client }
-    }
-}
-
-impl Default for Network {
-    fn default() -> Self {
-        Network::new()
+        Network { client, id, faults }
     }
 }
 
@@ -53,6 +54,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.clone(),
             client: self.client.clone(),
+            from: self.id,
+            faults: self.faults.clone(),
         }
     }
 }
@@ -61,6 +64,8 @@ pub struct Peer {
     target: NodeId,
     addr: String,
     client: reqwest::Client,
+    from: NodeId,
+    faults: Arc<Faults>,
 }
 
 impl Peer {
@@ -70,12 +75,17 @@ impl Peer {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
+        if self.faults.is_blocked(self.target) {
+            let msg = format!("link to node {} is cut by the fault switch", self.target);
+            return Err(RPCError::Unreachable(Unreachable::from_string(msg)));
+        }
         let body = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let url = format!("http://{}/raft/{path}", self.addr);
         let resp = self
             .client
             .post(url)
             .header("content-type", "application/octet-stream")
+            .header(FROM_HEADER, self.from)
             .body(body)
             .timeout(timeout)
             .send()

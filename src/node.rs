@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::error::ApiError;
 use crate::config::Config;
+use crate::faults::Faults;
 use crate::network::Network;
 use crate::sm::{Command, ErrorCode, LogEntry, Response};
 use crate::store::{self, FsyncStats, SmShared};
@@ -33,6 +34,11 @@ pub struct Node {
     pub http: reqwest::Client,
     /// Membership changes are serialized: one at a time.
     pub membership_lock: Mutex<()>,
+    /// The link fault switch (chaos tests).
+    pub faults: Arc<Faults>,
+    /// DELIBERATELY UNSAFE debugging mode: serve every read from local state without a read
+    /// index. Exists so the chaos checkers can be shown to catch stale reads.
+    pub unsafe_stale_reads: bool,
 }
 
 pub fn now_ms() -> u64 {
@@ -77,6 +83,9 @@ impl Node {
     /// Make a linearizable read possible: confirm leadership with a quorum (read index) and
     /// wait until this node applied up to it.
     pub async fn read_barrier(&self) -> Result<(), ApiError> {
+        if self.unsafe_stale_reads {
+            return Ok(());
+        }
         self.raft
             .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
             .await
@@ -143,7 +152,9 @@ pub async fn start_with_listener(cfg: Config, listener: TcpListener) -> anyhow::
     let raft_cfg = Arc::new(raft_cfg.validate()?);
     let sm = sm_store.shared.clone();
     let fsync = log_store.stats.clone();
-    let raft = Raft::new(cfg.id, raft_cfg, Network::new(), log_store, sm_store).await?;
+    let faults = Arc::new(Faults::new(cfg.fault_injection));
+    let network = Network::new(cfg.id, faults.clone());
+    let raft = Raft::new(cfg.id, raft_cfg, network, log_store, sm_store).await?;
     let http = reqwest::Client::builder()
         .tcp_nodelay(true)
         .no_proxy()
@@ -156,7 +167,12 @@ pub async fn start_with_listener(cfg: Config, listener: TcpListener) -> anyhow::
         fsync,
         http,
         membership_lock: Mutex::new(()),
+        faults,
+        unsafe_stale_reads: cfg.unsafe_stale_reads,
     });
+    if cfg.unsafe_stale_reads {
+        tracing::warn!("--unsafe-stale-reads: reads skip the read index and may be stale");
+    }
     let local_addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let app = crate::api::router(node.clone());

@@ -40,6 +40,13 @@ pub async fn route_to_leader(State(node): State<Arc<Node>>, req: Request, next: 
     if leader == node.id {
         return next.run(req).await;
     }
+    if node.faults.is_blocked(leader) {
+        return ApiError::new(
+            ErrorCode::Unavailable,
+            format!("leader {leader} is unreachable (link cut)"),
+        )
+        .into_response();
+    }
     let Some(addr) = node.node_addr(leader) else {
         return ApiError::new(
             ErrorCode::NoLeader,

@@ -36,7 +36,11 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .merge(v1::local_routes())
         .merge(leader_routes)
-        .merge(raft::routes())
+        .merge(raft::routes().layer(middleware::from_fn_with_state(
+            node.clone(),
+            raft::drop_blocked,
+        )))
+        .merge(v1::admin_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(

@@ -29,6 +29,27 @@ pub fn routes() -> Router<Arc<Node>> {
         .layer(axum::extract::DefaultBodyLimit::max(RAFT_BODY_LIMIT))
 }
 
+/// The receiving half of the fault switch: drop RPCs from a blocked peer.
+pub async fn drop_blocked(
+    axum::extract::State(node): State<Arc<Node>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let from = req
+        .headers()
+        .get(crate::network::FROM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if from.is_some_and(|f| node.faults.is_blocked(f)) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "link cut by the fault switch",
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
 fn encode<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Response {
     match r {
         Ok(v) => match bincode::serialize(&v) {

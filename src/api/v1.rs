@@ -39,6 +39,31 @@ pub fn local_routes() -> Router<Arc<Node>> {
         .route("/v1/openapi.json", get(openapi))
 }
 
+/// Fault injection (chaos tests): only when the node runs with `--enable-fault-injection`.
+pub fn admin_routes() -> Router<Arc<Node>> {
+    Router::new().route("/admin/faults", get(faults_get).post(faults_set))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultsBody {
+    blocked: BTreeSet<u64>,
+}
+
+async fn faults_get(State(node): State<Arc<Node>>) -> ApiResult {
+    ok(json!({"enabled": node.faults.enabled(), "blocked": node.faults.blocked()}))
+}
+
+async fn faults_set(State(node): State<Arc<Node>>, ApiJson(b): ApiJson<FaultsBody>) -> ApiResult {
+    if !node.faults.set_blocked(b.blocked) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "fault injection is disabled; start the node with --enable-fault-injection",
+        ));
+    }
+    ok(json!({"enabled": true, "blocked": node.faults.blocked()}))
+}
+
 /// Routes that need the leader (writes, linearizable reads).
 pub fn leader_routes() -> Router<Arc<Node>> {
     Router::new()
