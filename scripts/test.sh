@@ -12,3 +12,5 @@ cargo build --all-targets
 # Cluster tests start several nodes each; two at a time keeps two cores from starving
 # elections.
 cargo test -- --test-threads=2
+# The docker-compose deployment: image from scratch, 3 nodes, scale to 5 and back to 4.
+./scripts/compose-test.sh

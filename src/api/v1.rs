@@ -41,7 +41,9 @@ pub fn local_routes() -> Router<Arc<Node>> {
 
 /// Fault injection (chaos tests): only when the node runs with `--enable-fault-injection`.
 pub fn admin_routes() -> Router<Arc<Node>> {
-    Router::new().route("/admin/faults", get(faults_get).post(faults_set))
+    Router::new()
+        .route("/admin/faults", get(faults_get).post(faults_set))
+        .layer(axum::extract::DefaultBodyLimit::max(super::BODY_LIMIT))
 }
 
 #[derive(Deserialize)]
@@ -622,6 +624,16 @@ async fn lock_acquire(
     let granted = |token: u64| ok(json!({"lock": name, "lease_id": b.lease_id, "token": token}));
     match apply(&node, cmd, b.request_id).await? {
         Response::LockGranted { token } => return granted(token),
+        // A try-lock never waits, even when the lease is already queued by an earlier call.
+        Response::LockQueued { .. } if b.wait_ms == 0 => {
+            return Err(ApiError::new(
+                ErrorCode::LockHeld,
+                format!(
+                    "lock {name} is held; lease {} is already queued for it",
+                    b.lease_id
+                ),
+            ))
+        }
         Response::LockQueued { .. } => {}
         r => return Err(unexpected(r)),
     }
@@ -659,7 +671,7 @@ async fn lock_acquire(
                 }
                 return Err(ApiError::new(
                     ErrorCode::Timeout,
-                    format!("lock {name} was not granted within {} ms", b.wait_ms),
+                    format!("lock {name} was not granted before the wait deadline"),
                 ));
             }
         }

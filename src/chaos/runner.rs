@@ -77,6 +77,10 @@ pub struct ChaosArgs {
     /// The `concord` binary to start (default: this one).
     #[arg(long)]
     pub bin: Option<PathBuf>,
+    /// Instead of starting processes, drive the docker-compose project of this name (nodes
+    /// n1..nN on 127.0.0.1:7701..): kill/restart, pause/unpause and disconnect containers.
+    #[arg(long)]
+    pub compose: Option<String>,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -104,6 +108,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 // ---------------------------------------------------------------------------------------
 
 struct ProcCluster {
+    /// `Some(project)`: the nodes are docker-compose containers, not child processes.
+    compose: Option<String>,
+    /// Compose nodes currently killed.
+    down: BTreeSet<u64>,
     bin: PathBuf,
     dir: PathBuf,
     addrs: BTreeMap<u64, String>,
@@ -125,6 +133,8 @@ impl ProcCluster {
             addrs.insert(id, format!("127.0.0.1:{}", free_port()?));
         }
         let mut c = ProcCluster {
+            compose: None,
+            down: BTreeSet::new(),
             bin,
             dir: dir.to_path_buf(),
             addrs,
@@ -138,7 +148,59 @@ impl ProcCluster {
         Ok(c)
     }
 
+    /// Attach to a running docker-compose cluster.
+    fn attach_compose(project: &str, n: u64) -> anyhow::Result<ProcCluster> {
+        Ok(ProcCluster {
+            compose: Some(project.to_string()),
+            down: BTreeSet::new(),
+            bin: PathBuf::new(),
+            dir: PathBuf::new(),
+            addrs: (1..=n)
+                .map(|id| (id, format!("127.0.0.1:{}", 7700 + id)))
+                .collect(),
+            children: BTreeMap::new(),
+            unsafe_reads: false,
+            http: reqwest::Client::builder().no_proxy().build()?,
+        })
+    }
+
+    fn container(&self, id: u64) -> Option<String> {
+        self.compose.as_ref().map(|p| format!("{p}_n{id}_1"))
+    }
+
+    fn docker(args: &[&str]) {
+        let _ = Command::new("docker")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    fn is_up(&self, id: u64) -> bool {
+        match self.compose {
+            Some(_) => !self.down.contains(&id),
+            None => self.children.contains_key(&id),
+        }
+    }
+
+    /// Cut a compose node off the network (a real network partition), or reconnect it.
+    fn disconnect(&self, id: u64, cut: bool) {
+        if let (Some(p), Some(c)) = (&self.compose, self.container(id)) {
+            let net = format!("{p}_default");
+            if cut {
+                Self::docker(&["network", "disconnect", &net, &c]);
+            } else {
+                Self::docker(&["network", "connect", "--alias", &format!("n{id}"), &net, &c]);
+            }
+        }
+    }
+
     fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        if let Some(c) = self.container(id) {
+            Self::docker(&["start", &c]);
+            self.down.remove(&id);
+            return Ok(());
+        }
         let initial: Vec<String> = self.addrs.iter().map(|(i, a)| format!("{i}={a}")).collect();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -162,6 +224,10 @@ impl ProcCluster {
     }
 
     fn signal(&self, id: u64, sig: &str) {
+        if let Some(c) = self.container(id) {
+            Self::docker(&[if sig == "-STOP" { "pause" } else { "unpause" }, &c]);
+            return;
+        }
         if let Some(c) = self.children.get(&id) {
             let _ = Command::new("kill")
                 .args([sig, &c.id().to_string()])
@@ -170,6 +236,11 @@ impl ProcCluster {
     }
 
     fn kill(&mut self, id: u64) {
+        if let Some(c) = self.container(id) {
+            Self::docker(&["kill", &c]);
+            self.down.insert(id);
+            return;
+        }
         if let Some(mut c) = self.children.remove(&id) {
             let _ = c.kill();
             let _ = c.wait();
@@ -191,7 +262,7 @@ impl ProcCluster {
     async fn leader(&self) -> Option<u64> {
         let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
         for (id, addr) in &self.addrs {
-            if !self.children.contains_key(id) {
+            if !self.is_up(*id) {
                 continue;
             }
             let r = self
@@ -212,6 +283,18 @@ impl ProcCluster {
     }
 
     fn stop_all(&mut self) {
+        if self.compose.is_some() {
+            // The compose project outlives the run; leave every node running and connected.
+            let ids: Vec<u64> = self.addrs.keys().copied().collect();
+            for id in ids {
+                self.signal(id, "-CONT");
+                self.disconnect(id, false);
+                if self.down.contains(&id) {
+                    let _ = self.spawn(id);
+                }
+            }
+            return;
+        }
         let ids: Vec<u64> = self.children.keys().copied().collect();
         for id in ids {
             self.signal(id, "-CONT");
@@ -610,6 +693,7 @@ enum Active {
     Killed(u64),
     Paused(u64),
     Partitioned,
+    Disconnected(u64),
 }
 
 /// Blocked sets for a partition of `ids` into groups: a node talks only inside its groups.
@@ -669,6 +753,15 @@ async fn inject(
                 format!("SIGSTOP node {t}"),
             ))
         }
+        _ if c.compose.is_some() => {
+            let t = choose_target(c, rng).await;
+            c.disconnect(t, true);
+            Ok((
+                Active::Disconnected(t),
+                "partition".into(),
+                format!("disconnect container n{t} from the network"),
+            ))
+        }
         _ => {
             let mut shuffled = ids.clone();
             for i in (1..shuffled.len()).rev() {
@@ -724,6 +817,7 @@ async fn heal(c: &mut ProcCluster, active: Active) -> anyhow::Result<()> {
     match active {
         Active::Killed(t) => c.spawn(t)?,
         Active::Paused(t) => c.signal(t, "-CONT"),
+        Active::Disconnected(t) => c.disconnect(t, false),
         Active::Partitioned => {
             let ids: Vec<u64> = c.addrs.keys().copied().collect();
             for id in ids {
@@ -773,7 +867,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
         args.duration,
         args.out.display()
     );
-    let mut cluster = ProcCluster::start(bin, &args.out, args.nodes, args.unsafe_stale_reads)?;
+    let mut cluster = match &args.compose {
+        Some(project) => ProcCluster::attach_compose(project, args.nodes)?,
+        None => ProcCluster::start(bin, &args.out, args.nodes, args.unsafe_stale_reads)?,
+    };
     let boot = Instant::now();
     while cluster.leader().await.is_none() {
         anyhow::ensure!(
