@@ -126,3 +126,76 @@ async fn kill_9_the_leader_of_a_process_cluster() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_run_holds_the_lock_passes_the_token_and_stops_on_lease_loss() {
+    let dir = TempDir::new().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let addrs = BTreeMap::from([(1, addr.clone())]);
+    let _node = spawn(1, &addrs, &dir);
+    let client = Client::new(&[addr.clone()]);
+    leader_of(&client, None).await;
+    let bin = env!("CARGO_BIN_EXE_concord");
+
+    // The command sees its token in CONCORD_FENCE while the lock is held by its lease.
+    let out = dir.path().join("fence.txt");
+    let script = format!(
+        "echo $CONCORD_FENCE > {0}; {bin} --endpoints {addr} lock status jobs --json >> {0}",
+        out.display()
+    );
+    let status = tokio::process::Command::new(bin)
+        .args([
+            "--endpoints",
+            &addr,
+            "lock",
+            "run",
+            "jobs",
+            "--ttl-ms",
+            "3000",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "lock run failed: {status:?}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let mut lines = text.lines();
+    let token: u64 = lines.next().unwrap().trim().parse().unwrap();
+    let during: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(
+        during["holder"]["token"], token,
+        "the lock was held with that token"
+    );
+    // Released afterwards.
+    let after = client.lock_status("jobs").await.unwrap();
+    assert_eq!(after["holder"], serde_json::Value::Null);
+
+    // If the lease is lost, the command is stopped and lock run exits 75.
+    let script = format!("{bin} --endpoints {addr} lease revoke $CONCORD_LEASE; sleep 30");
+    let started = std::time::Instant::now();
+    let status = tokio::process::Command::new(bin)
+        .args([
+            "--endpoints",
+            &addr,
+            "lock",
+            "run",
+            "jobs",
+            "--ttl-ms",
+            "3000",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(75));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the command was not stopped"
+    );
+}

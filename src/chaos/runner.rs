@@ -45,6 +45,15 @@ pub enum Nemesis {
     Mixed,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Net {
+    /// Nodes on 127.0.0.1; partitions through each node's link fault switch.
+    Loopback,
+    /// Each node in its own network namespace behind a veth on a private bridge; partitions
+    /// are iptables DROP rules inside the namespaces (a real network cut). Needs root.
+    Netns,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ChaosArgs {
     #[arg(long, default_value_t = 3)]
@@ -77,6 +86,9 @@ pub struct ChaosArgs {
     /// The `concord` binary to start (default: this one).
     #[arg(long)]
     pub bin: Option<PathBuf>,
+    /// How nodes are networked (and so how partitions are made).
+    #[arg(long, value_enum, default_value = "loopback")]
+    pub net: Net,
     /// Instead of starting processes, drive the docker-compose project of this name (nodes
     /// n1..nN on 127.0.0.1:7701..): kill/restart, pause/unpause and disconnect containers.
     #[arg(long)]
@@ -107,7 +119,116 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 // The cluster of processes
 // ---------------------------------------------------------------------------------------
 
+/// The private network of a `--net netns` run.
+struct Netns {
+    /// Third octet of 10.233.X.0/24, also in every interface and namespace name.
+    x: u32,
+}
+
+impl Netns {
+    fn ns(&self, id: u64) -> String {
+        format!("cc{}n{id}", self.x)
+    }
+
+    fn ip(&self, id: u64) -> String {
+        format!("10.233.{}.{id}", self.x)
+    }
+
+    fn bridge(&self) -> String {
+        format!("ccbr{}", self.x)
+    }
+
+    fn sh(args: &[&str]) -> anyhow::Result<()> {
+        let st = Command::new(args[0])
+            .args(&args[1..])
+            .stderr(Stdio::null())
+            .status()?;
+        anyhow::ensure!(st.success(), "command failed: {}", args.join(" "));
+        Ok(())
+    }
+
+    fn create(n: u64) -> anyhow::Result<Netns> {
+        let net = Netns {
+            x: std::process::id() % 250,
+        };
+        net.destroy(n);
+        let br = net.bridge();
+        Self::sh(&["ip", "link", "add", &br, "type", "bridge"])?;
+        Self::sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.233.{}.254/24", net.x),
+            "dev",
+            &br,
+        ])?;
+        Self::sh(&["ip", "link", "set", &br, "up"])?;
+        // Docker sets the FORWARD policy to DROP, and with br_netfilter bridged frames pass
+        // through it: let traffic between our own namespaces through.
+        Self::sh(&[
+            "iptables", "-I", "FORWARD", "-i", &br, "-o", &br, "-j", "ACCEPT",
+        ])?;
+        for id in 1..=n {
+            let ns = net.ns(id);
+            let (host, peer) = (format!("cc{}v{id}", net.x), format!("cc{}p{id}", net.x));
+            Self::sh(&["ip", "netns", "add", &ns])?;
+            Self::sh(&[
+                "ip", "link", "add", &host, "type", "veth", "peer", "name", &peer,
+            ])?;
+            Self::sh(&["ip", "link", "set", &peer, "netns", &ns])?;
+            Self::sh(&["ip", "link", "set", &host, "master", &br])?;
+            Self::sh(&["ip", "link", "set", &host, "up"])?;
+            Self::sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", net.ip(id)),
+                "dev",
+                &peer,
+            ])?;
+            Self::sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", &peer, "up"])?;
+            Self::sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
+        }
+        Ok(net)
+    }
+
+    /// Drop all traffic between node `id` and the nodes in `blocked`, both directions.
+    fn set_blocked(&self, id: u64, blocked: &BTreeSet<u64>) {
+        let ns = self.ns(id);
+        let _ = Self::sh(&["ip", "netns", "exec", &ns, "iptables", "-F"]);
+        for b in blocked {
+            let ip = self.ip(*b);
+            let _ = Self::sh(&[
+                "ip", "netns", "exec", &ns, "iptables", "-A", "INPUT", "-s", &ip, "-j", "DROP",
+            ]);
+            let _ = Self::sh(&[
+                "ip", "netns", "exec", &ns, "iptables", "-A", "OUTPUT", "-d", &ip, "-j", "DROP",
+            ]);
+        }
+    }
+
+    fn destroy(&self, n: u64) {
+        for id in 1..=n {
+            let _ = Self::sh(&["ip", "netns", "del", &self.ns(id)]);
+            let _ = Self::sh(&["ip", "link", "del", &format!("cc{}v{id}", self.x)]);
+        }
+        let br = self.bridge();
+        while Self::sh(&[
+            "iptables", "-D", "FORWARD", "-i", &br, "-o", &br, "-j", "ACCEPT",
+        ])
+        .is_ok()
+        {}
+        let _ = Self::sh(&["ip", "link", "del", &br]);
+    }
+}
+
 struct ProcCluster {
+    /// `Some`: every node runs in its own network namespace.
+    netns: Option<Netns>,
     /// `Some(project)`: the nodes are docker-compose containers, not child processes.
     compose: Option<String>,
     /// Compose nodes currently killed.
@@ -127,12 +248,27 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 impl ProcCluster {
-    fn start(bin: PathBuf, dir: &Path, n: u64, unsafe_reads: bool) -> anyhow::Result<ProcCluster> {
+    fn start(
+        bin: PathBuf,
+        dir: &Path,
+        n: u64,
+        unsafe_reads: bool,
+        net: Net,
+    ) -> anyhow::Result<ProcCluster> {
+        let netns = match net {
+            Net::Netns => Some(Netns::create(n)?),
+            Net::Loopback => None,
+        };
         let mut addrs = BTreeMap::new();
         for id in 1..=n {
-            addrs.insert(id, format!("127.0.0.1:{}", free_port()?));
+            let addr = match &netns {
+                Some(ns) => format!("{}:7700", ns.ip(id)),
+                None => format!("127.0.0.1:{}", free_port()?),
+            };
+            addrs.insert(id, addr);
         }
         let mut c = ProcCluster {
+            netns,
             compose: None,
             down: BTreeSet::new(),
             bin,
@@ -151,6 +287,7 @@ impl ProcCluster {
     /// Attach to a running docker-compose cluster.
     fn attach_compose(project: &str, n: u64) -> anyhow::Result<ProcCluster> {
         Ok(ProcCluster {
+            netns: None,
             compose: Some(project.to_string()),
             down: BTreeSet::new(),
             bin: PathBuf::new(),
@@ -206,7 +343,14 @@ impl ProcCluster {
             .create(true)
             .append(true)
             .open(self.dir.join(format!("n{id}.log")))?;
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match &self.netns {
+            Some(net) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &net.ns(id)]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         cmd.arg("serve")
             .args(["--id", &id.to_string()])
             .args(["--listen", &self.addrs[&id]])
@@ -248,6 +392,10 @@ impl ProcCluster {
     }
 
     async fn set_blocked(&self, id: u64, blocked: &BTreeSet<u64>) {
+        if let Some(net) = &self.netns {
+            net.set_blocked(id, blocked);
+            return;
+        }
         let url = format!("http://{}/admin/faults", self.addrs[&id]);
         let _ = self
             .http
@@ -306,6 +454,9 @@ impl ProcCluster {
 impl Drop for ProcCluster {
     fn drop(&mut self) {
         self.stop_all();
+        if let Some(net) = &self.netns {
+            net.destroy(self.addrs.len() as u64);
+        }
     }
 }
 
@@ -360,6 +511,28 @@ enum Outcome {
 }
 
 async fn call(
+    http: &reqwest::Client,
+    addr: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+    timeout: Duration,
+) -> Outcome {
+    let outcome = call_once(http, addr, method, path, body, timeout).await;
+    // Back off a little after an unavailable node, as a real client would, instead of
+    // spinning on fast 503s and refused connections.
+    let unavailable = match &outcome {
+        Outcome::Info(_) => true,
+        Outcome::Fail(code) => code == "connect",
+        Outcome::Ok(_) => false,
+    };
+    if unavailable {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    outcome
+}
+
+async fn call_once(
     http: &reqwest::Client,
     addr: &str,
     method: reqwest::Method,
@@ -869,7 +1042,13 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
     );
     let mut cluster = match &args.compose {
         Some(project) => ProcCluster::attach_compose(project, args.nodes)?,
-        None => ProcCluster::start(bin, &args.out, args.nodes, args.unsafe_stale_reads)?,
+        None => ProcCluster::start(
+            bin,
+            &args.out,
+            args.nodes,
+            args.unsafe_stale_reads,
+            args.net,
+        )?,
     };
     let boot = Instant::now();
     while cluster.leader().await.is_none() {
