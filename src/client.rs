@@ -38,6 +38,8 @@ pub struct Client {
     endpoints: Vec<String>,
     http: reqwest::Client,
     current: AtomicUsize,
+    /// The leader's URL, learned from `X-Concord-Leader` on a 503; tried first while it works.
+    leader_hint: std::sync::Mutex<Option<String>>,
     /// Total time a call keeps retrying through elections and dead endpoints.
     pub retry_for: Duration,
 }
@@ -71,6 +73,7 @@ impl Client {
                 .build()
                 .expect("http client"),
             current: AtomicUsize::new(0),
+            leader_hint: std::sync::Mutex::new(None),
             retry_for: Duration::from_secs(15),
         }
     }
@@ -88,7 +91,9 @@ impl Client {
         let mut last_err;
         loop {
             let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
-            let url = format!("{}{}", self.endpoints[i], path);
+            let hint = self.hint();
+            let base = hint.clone().unwrap_or_else(|| self.endpoints[i].clone());
+            let url = format!("{base}{path}");
             let mut req = self.http.request(method.clone(), &url).timeout(timeout);
             if let Some(b) = &body {
                 req = req.json(b);
@@ -96,6 +101,11 @@ impl Client {
             match req.send().await {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
+                    let leader = resp
+                        .headers()
+                        .get("x-concord-leader")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
                     let v: Value = resp.json().await.unwrap_or(Value::Null);
                     if status < 300 {
                         return Ok(v);
@@ -111,17 +121,56 @@ impl Client {
                         });
                     }
                     last_err = format!("{url}: {code}: {message}");
+                    // Follow the leader hint if this node names one we can reach.
+                    let learned = match leader {
+                        Some(l) => self.leader_url(&base, l).await,
+                        None => None,
+                    };
+                    self.set_hint(learned.filter(|u| Some(u) != hint.as_ref()));
                 }
-                Err(e) => last_err = format!("{url}: {e}"),
+                Err(e) => {
+                    last_err = format!("{url}: {e}");
+                    self.set_hint(None);
+                }
             }
             // Unavailable or unreachable: next endpoint, back off, try again.
-            self.current.store(i + 1, Ordering::Relaxed);
+            if hint.is_none() {
+                self.current.store(i + 1, Ordering::Relaxed);
+            }
             if start.elapsed() + backoff > self.retry_for {
                 return Err(ClientError::Unavailable(last_err));
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(1000));
         }
+    }
+
+    fn hint(&self) -> Option<String> {
+        self.leader_hint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_hint(&self, url: Option<String>) {
+        *self.leader_hint.lock().unwrap_or_else(|e| e.into_inner()) = url;
+    }
+
+    /// The URL of node `leader`, from the membership `base` reports.
+    async fn leader_url(&self, base: &str, leader: u64) -> Option<String> {
+        let v: Value = self
+            .http
+            .get(format!("{base}/v1/cluster"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let members = v["members"].as_array()?;
+        let m = members.iter().find(|m| m["id"].as_u64() == Some(leader))?;
+        Some(format!("http://{}", m["addr"].as_str()?))
     }
 
     async fn get(&self, path: &str) -> Result<Value, ClientError> {

@@ -133,7 +133,7 @@ async fn lock_run_holds_the_lock_passes_the_token_and_stops_on_lease_loss() {
     let addr = format!("127.0.0.1:{}", free_port());
     let addrs = BTreeMap::from([(1, addr.clone())]);
     let _node = spawn(1, &addrs, &dir);
-    let client = Client::new(&[addr.clone()]);
+    let client = Client::new(std::slice::from_ref(&addr));
     leader_of(&client, None).await;
     let bin = env!("CARGO_BIN_EXE_concord");
 
