@@ -13,7 +13,7 @@ DURATION="${DURATION:-60s}"
 NODES="${NODES:-3}"
 SEED="${SEED:-$RANDOM}"
 fail=0
-for workload in register lock mixed; do
+for workload in register lock semaphore mixed; do
   for nemesis in kill pause partition mixed; do
     out="chaos-out/$workload-$nemesis"
     rm -rf "$out"

@@ -137,7 +137,9 @@ impl Client {
             if hint.is_none() {
                 self.current.store(i + 1, Ordering::Relaxed);
             }
-            if start.elapsed() + backoff > self.retry_for {
+            // A blocking call may have waited its whole timeout before failing: give the retry
+            // budget at least that long.
+            if start.elapsed() + backoff > self.retry_for.max(timeout) {
                 return Err(ClientError::Unavailable(last_err));
             }
             tokio::time::sleep(backoff).await;
@@ -317,6 +319,49 @@ impl Client {
 
     pub async fn lock_status(&self, name: &str) -> Result<Value, ClientError> {
         self.get(&format!("/v1/locks/{}", encode_segment(name)))
+            .await
+    }
+
+    pub async fn sem_create(&self, name: &str, capacity: u64) -> Result<Value, ClientError> {
+        let path = format!("/v1/semaphores/{}", encode_segment(name));
+        self.mutate(
+            Method::POST,
+            &path,
+            json!({"capacity": capacity}),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    /// Take `permits` of semaphore `name` for `lease_id`, waiting up to `wait_ms`.
+    pub async fn sem_acquire(
+        &self,
+        name: &str,
+        lease_id: u64,
+        permits: u64,
+        wait_ms: u64,
+        priority: u64,
+    ) -> Result<u64, ClientError> {
+        let path = format!("/v1/semaphores/{}/acquire", encode_segment(name));
+        let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(15);
+        let body = json!({"lease_id": lease_id, "permits": permits, "wait_ms": wait_ms, "priority": priority});
+        let v = self.mutate(Method::POST, &path, body, timeout).await?;
+        Ok(v["token"].as_u64().unwrap_or(0))
+    }
+
+    pub async fn sem_release(&self, name: &str, lease_id: u64) -> Result<Value, ClientError> {
+        let path = format!("/v1/semaphores/{}/release", encode_segment(name));
+        self.mutate(
+            Method::POST,
+            &path,
+            json!({"lease_id": lease_id}),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    pub async fn sem_status(&self, name: &str) -> Result<Value, ClientError> {
+        self.get(&format!("/v1/semaphores/{}", encode_segment(name)))
             .await
     }
 

@@ -48,6 +48,9 @@ enum Cmd {
     /// Locks with fencing tokens.
     #[command(subcommand)]
     Lock(LockCmd),
+    /// Counting semaphores with a fair, priority-aware queue.
+    #[command(subcommand)]
+    Sem(SemCmd),
     /// Start a cluster of real processes, drive it, inject faults, and check the history.
     Chaos(concord::chaos::runner::ChaosArgs),
 }
@@ -112,6 +115,35 @@ enum KvCmd {
         prefix: String,
         #[arg(long, default_value_t = 1000)]
         limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum SemCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        capacity: u64,
+    },
+    Acquire {
+        name: String,
+        #[arg(long)]
+        lease: u64,
+        #[arg(long, default_value_t = 1)]
+        permits: u64,
+        #[arg(long, default_value_t = 0)]
+        wait_ms: u64,
+        /// 0 (default, lowest) to 9; waiters age one level per second.
+        #[arg(long, default_value_t = 0)]
+        priority: u64,
+    },
+    Release {
+        name: String,
+        #[arg(long)]
+        lease: u64,
+    },
+    Status {
+        name: String,
     },
 }
 
@@ -325,6 +357,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     out(v.clone(), lines.join("\n"));
                 }
             },
+            Cmd::Sem(c) => match c {
+                SemCmd::Create { name, capacity } => {
+                    let v = client.sem_create(&name, capacity).await?;
+                    out(v, format!("{name}: capacity {capacity}"));
+                }
+                SemCmd::Acquire { name, lease, permits, wait_ms, priority } => {
+                    let token = client.sem_acquire(&name, lease, permits, wait_ms, priority).await?;
+                    out(json!({"semaphore": name, "lease_id": lease, "permits": permits, "token": token}), token.to_string());
+                }
+                SemCmd::Release { name, lease } => {
+                    let v = client.sem_release(&name, lease).await?;
+                    out(v, format!("{name} released"));
+                }
+                SemCmd::Status { name } => {
+                    let v = client.sem_status(&name).await?;
+                    let human = format!("{name}: {} of {} permits free; {} holders, {} waiting",
+                        v["free"], v["capacity"], v["holders"].as_array().map_or(0, |h| h.len()),
+                        v["queue"].as_array().map_or(0, |q| q.len()));
+                    out(v, human);
+                }
+            },
             Cmd::Lock(c) => match c {
                 LockCmd::Acquire {
                     name,
@@ -409,6 +462,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             tracing::info!("shutting down");
         }
     }
+    node.stopping.send_replace(true);
     let _ = node.raft.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -36,6 +36,9 @@ pub struct Node {
     pub membership_lock: Mutex<()>,
     /// The link fault switch (chaos tests).
     pub faults: Arc<Faults>,
+    /// Set when the node shuts down, so blocked calls answer at once (and clients retry
+    /// elsewhere) instead of waiting on a state machine that no longer moves.
+    pub stopping: tokio::sync::watch::Sender<bool>,
     /// DELIBERATELY UNSAFE debugging mode: serve every read from local state without a read
     /// index. Exists so the chaos checkers can be shown to catch stale reads.
     pub unsafe_stale_reads: bool,
@@ -123,6 +126,7 @@ impl Running {
             let _ = tx.send(());
         }
         self.ticker.abort();
+        self.node.stopping.send_replace(true);
         let _ = self.node.raft.shutdown().await;
         self.server.abort();
         let _ = (&mut self.server).await;
@@ -168,6 +172,7 @@ pub async fn start_with_listener(cfg: Config, listener: TcpListener) -> anyhow::
         http,
         membership_lock: Mutex::new(()),
         faults,
+        stopping: tokio::sync::watch::channel(false).0,
         unsafe_stale_reads: cfg.unsafe_stale_reads,
     });
     if cfg.unsafe_stale_reads {

@@ -3,6 +3,7 @@
 //! checker must catch a real bug: nodes started with the deliberately unsafe
 //! `--unsafe-stale-reads` serve stale reads under a partition, and the run must fail.
 //!
+//! Semaphores under kill and partition.
 //! Also register and lock under real partitions (`--net netns`: network namespaces, veth,
 //! iptables; needs root, which this machine's CI has).
 //!
@@ -46,7 +47,7 @@ fn chaos_matrix_is_clean_and_the_checker_catches_unsafe_reads() {
     let secs: u64 = std::env::var("CONCORD_CHAOS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(35);
     let dir = TempDir::new().unwrap();
     let mut failures = Vec::new();
     let mut seed = 100;

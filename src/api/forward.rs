@@ -26,8 +26,9 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(3700);
 /// behind this middleware needs the leader.
 pub async fn route_to_leader(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
     let query = req.uri().query().unwrap_or("");
-    if req.method() == axum::http::Method::GET && query.split('&').any(|p| p == "consistency=stale")
-    {
+    let is_get = req.method() == axum::http::Method::GET;
+    // `--unsafe-stale-reads` (a deliberately broken debugging mode): every read is local.
+    if is_get && (node.unsafe_stale_reads || query.split('&').any(|p| p == "consistency=stale")) {
         return next.run(req).await;
     }
     let leader = match wait_for_leader(&node).await {

@@ -9,6 +9,7 @@ pub mod error;
 mod extract;
 mod forward;
 mod raft;
+mod semaphores;
 mod v1;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ pub const BODY_LIMIT: usize = 1 << 20;
 
 pub fn router(node: Arc<Node>) -> Router {
     let leader_routes = v1::leader_routes()
+        .merge(semaphores::routes())
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
             node.clone(),

@@ -22,13 +22,13 @@ use crate::sm::{Command, ErrorCode, Fence, Response, MAX_WAIT_MS};
 /// Longest key, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
 /// Longest lock or resource name, in bytes.
-pub const MAX_NAME_LEN: usize = 256;
+pub(super) const MAX_NAME_LEN: usize = 256;
 /// Largest value, in bytes (the body limit is 1 MiB).
 pub const MAX_VALUE_LEN: usize = 512 * 1024;
 /// Longest request id, in bytes.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 
-type ApiResult = Result<HttpResponse, ApiError>;
+pub(super) type ApiResult = Result<HttpResponse, ApiError>;
 
 /// Routes any node answers from its own state.
 pub fn local_routes() -> Router<Arc<Node>> {
@@ -84,7 +84,7 @@ pub fn leader_routes() -> Router<Arc<Node>> {
 
 // ---------- helpers ----------
 
-fn ok(v: Value) -> ApiResult {
+pub(super) fn ok(v: Value) -> ApiResult {
     Ok(Json(v).into_response())
 }
 
@@ -97,7 +97,7 @@ fn check_request_id(id: &Option<String>) -> Result<(), ApiError> {
     }
 }
 
-fn check_name(what: &str, name: &str, max: usize) -> Result<(), ApiError> {
+pub(super) fn check_name(what: &str, name: &str, max: usize) -> Result<(), ApiError> {
     if name.is_empty() || name.len() > max {
         return Err(ApiError::invalid(format!(
             "{what} must be 1 to {max} bytes"
@@ -111,13 +111,13 @@ fn check_name(what: &str, name: &str, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn parse_id(s: &str) -> Result<u64, ApiError> {
+pub(super) fn parse_id(s: &str) -> Result<u64, ApiError> {
     s.parse()
         .map_err(|_| ApiError::invalid(format!("{s:?} is not a valid id")))
 }
 
 /// Propose and turn a domain rejection into an error.
-async fn apply(
+pub(super) async fn apply(
     node: &Node,
     cmd: Command,
     request_id: Option<String>,
@@ -129,7 +129,7 @@ async fn apply(
     }
 }
 
-fn unexpected(r: Response) -> ApiError {
+pub(super) fn unexpected(r: Response) -> ApiError {
     ApiError::new(
         ErrorCode::Unavailable,
         format!("unexpected state machine response {r:?}"),
@@ -137,12 +137,12 @@ fn unexpected(r: Response) -> ApiError {
 }
 
 #[derive(Deserialize, Default)]
-struct ReadQuery {
+pub(super) struct ReadQuery {
     consistency: Option<String>,
 }
 
 /// Linearizable by default; `stale` reads this node's state as it is.
-async fn read_barrier(node: &Node, q: &ReadQuery) -> Result<(), ApiError> {
+pub(super) async fn read_barrier(node: &Node, q: &ReadQuery) -> Result<(), ApiError> {
     match q.consistency.as_deref() {
         None | Some("linearizable") => node.read_barrier().await,
         Some("stale") => Ok(()),
@@ -601,7 +601,7 @@ struct LockAcquire {
 
 /// Slack after a wait deadline before a blocked call gives up on the state machine deciding
 /// (e.g. no leader to tick) and answers 503; a retry resumes the same queue position.
-const WAIT_SLACK: Duration = Duration::from_secs(5);
+pub(super) const WAIT_SLACK: Duration = Duration::from_secs(5);
 
 async fn lock_acquire(
     State(node): State<Arc<Node>>,
@@ -615,7 +615,7 @@ async fn lock_acquire(
         )));
     }
     // Subscribe before proposing so no applied change is missed.
-    let mut applied = node.sm.subscribe();
+    let applied = node.sm.subscribe();
     let cmd = Command::LockAcquire {
         name: name.clone(),
         lease_id: b.lease_id,
@@ -637,50 +637,78 @@ async fn lock_acquire(
         Response::LockQueued { .. } => {}
         r => return Err(unexpected(r)),
     }
-    // Wait for the replicated outcome: granted, or our queue entry gone (deadline or lease end).
-    // The deadline is the replicated waiter's: a retried or repeated acquire by a lease that
-    // is already queued resumes that wait rather than starting a new one.
-    let wait_left = {
-        let st = node.sm.read();
-        let waiter_deadline = st
-            .sm
-            .locks
-            .get(&name)
-            .and_then(|l| l.queue.iter().find(|w| w.lease_id == b.lease_id))
-            .map(|w| w.deadline_ms);
-        waiter_deadline.map_or(0, |d| d.saturating_sub(now_ms()))
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_left) + WAIT_SLACK;
+    let lease_id = b.lease_id;
+    let token = wait_for_grant(&node, applied, lease_id, &format!("lock {name}"), |sm| {
+        let lock = sm.locks.get(&name);
+        match lock.and_then(|l| l.holder.as_ref()) {
+            Some(h) if h.lease_id == lease_id => return WaitState::Granted(h.token),
+            _ => {}
+        }
+        let waiter = lock.and_then(|l| l.queue.iter().find(|w| w.lease_id == lease_id));
+        waiter.map_or(WaitState::Gone, |w| WaitState::Queued(w.deadline_ms))
+    })
+    .await?;
+    granted(token)
+}
+
+/// What a blocked caller finds in the applied state.
+pub(super) enum WaitState {
+    Granted(u64),
+    /// Still queued, with the replicated wait deadline.
+    Queued(u64),
+    /// Neither granted nor queued: the wait deadline passed or the lease ended.
+    Gone,
+}
+
+/// Wait for the replicated outcome of a queued acquire. The state machine decides (grant,
+/// deadline, lease end); this only watches applied indexes. The deadline is the replicated
+/// waiter's own, so a retried or repeated acquire by a lease that is already queued resumes
+/// that wait rather than starting a new one.
+pub(super) async fn wait_for_grant(
+    node: &Node,
+    mut applied: tokio::sync::watch::Receiver<u64>,
+    lease_id: u64,
+    what: &str,
+    probe: impl Fn(&crate::sm::Sm) -> WaitState,
+) -> Result<u64, ApiError> {
+    let mut deadline = None;
+    let mut stopping = node.stopping.subscribe();
     loop {
         {
             let st = node.sm.read();
-            let sm = &st.sm;
-            let lock = sm.locks.get(&name);
-            if let Some(h) = lock.and_then(|l| l.holder.as_ref()) {
-                if h.lease_id == b.lease_id {
-                    return granted(h.token);
+            match probe(&st.sm) {
+                WaitState::Granted(token) => return Ok(token),
+                WaitState::Queued(deadline_ms) => {
+                    deadline.get_or_insert_with(|| {
+                        let left = deadline_ms.saturating_sub(now_ms());
+                        tokio::time::Instant::now() + Duration::from_millis(left) + WAIT_SLACK
+                    });
                 }
-            }
-            let queued = lock.is_some_and(|l| l.queue.iter().any(|w| w.lease_id == b.lease_id));
-            if !queued {
-                if !sm.leases.contains_key(&b.lease_id) {
+                WaitState::Gone if !st.sm.leases.contains_key(&lease_id) => {
                     return Err(ApiError::new(
                         ErrorCode::LeaseNotFound,
-                        format!("lease {} ended while waiting for lock {name}", b.lease_id),
-                    ));
+                        format!("lease {lease_id} ended while waiting for {what}"),
+                    ))
                 }
-                return Err(ApiError::new(
-                    ErrorCode::Timeout,
-                    format!("lock {name} was not granted before the wait deadline"),
-                ));
+                WaitState::Gone => {
+                    return Err(ApiError::new(
+                        ErrorCode::Timeout,
+                        format!("{what} was not granted before the wait deadline"),
+                    ))
+                }
             }
         }
-        match tokio::time::timeout_at(deadline, applied.changed()).await {
-            Ok(Ok(())) => {}
-            _ => return Err(ApiError::new(
+        let until = deadline.unwrap_or_else(tokio::time::Instant::now);
+        let woke = tokio::select! {
+            r = applied.changed() => r.is_ok(),
+            _ = stopping.wait_for(|s| *s) => false,
+            _ = tokio::time::sleep_until(until) => false,
+        };
+        if !woke {
+            return Err(ApiError::new(
                 ErrorCode::Unavailable,
-                "the wait outcome was not replicated in time; retry the acquire to keep waiting",
-            )),
+                "the wait outcome was not replicated in time (or this node is stopping); retry the acquire to keep waiting",
+            ));
         }
     }
 }

@@ -27,7 +27,10 @@ pub enum Workload {
     Register,
     /// Acquire a lock, write a register fenced by the token, release; checked for lock safety.
     Lock,
-    /// Half the clients run `register`, half `lock`.
+    /// Acquire one permit of a capacity-2 semaphore, hold it briefly, release; checked for
+    /// permits in use never exceeding the capacity.
+    Semaphore,
+    /// A third of the clients each run `register`, `lock` and `semaphore`.
     Mixed,
 }
 
@@ -709,6 +712,92 @@ async fn register_client(sh: Arc<Shared>, seed: u64) {
     }
 }
 
+const SEM_NAME: &str = "chaos-sem";
+const SEM_CAPACITY: u64 = 2;
+
+async fn semaphore_client(sh: Arc<Shared>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut process = sh.rec.new_process();
+    while !sh.stop.load(Ordering::Relaxed) {
+        let node = rng.gen_range(0..sh.addrs.len());
+        let (id, addr) = sh.addrs[node].clone();
+        let lease = match call(
+            &sh.http,
+            &addr,
+            reqwest::Method::POST,
+            "/v1/leases",
+            Some(json!({"ttl_ms": 3000})),
+            OP_TIMEOUT,
+        )
+        .await
+        {
+            Outcome::Ok(v) => v["lease_id"].as_u64().unwrap_or(0),
+            _ => continue,
+        };
+        let mut inv = event(
+            process,
+            Kind::Invoke,
+            OpKind::SemAcquire,
+            SEM_NAME,
+            sh.rec.now(),
+        );
+        inv.node = Some(id);
+        inv.capacity = Some(SEM_CAPACITY);
+        sh.rec.record(inv.clone());
+        let body = json!({"lease_id": lease, "permits": 1, "wait_ms": LOCK_WAIT_MS});
+        let timeout = OP_TIMEOUT + Duration::from_millis(LOCK_WAIT_MS);
+        let outcome = call(
+            &sh.http,
+            &addr,
+            reqwest::Method::POST,
+            &format!("/v1/semaphores/{SEM_NAME}/acquire"),
+            Some(body),
+            timeout,
+        )
+        .await;
+        let mut done = inv;
+        let token = match &outcome {
+            Outcome::Ok(v) => v["token"].as_u64(),
+            _ => None,
+        };
+        done.token = token;
+        complete(&sh, &mut process, done, &outcome);
+        if token.is_some() {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(5..40))).await;
+            let mut inv = event(
+                process,
+                Kind::Invoke,
+                OpKind::SemRelease,
+                SEM_NAME,
+                sh.rec.now(),
+            );
+            inv.node = Some(id);
+            inv.capacity = Some(SEM_CAPACITY);
+            sh.rec.record(inv.clone());
+            let body = json!({"lease_id": lease});
+            let outcome = call(
+                &sh.http,
+                &addr,
+                reqwest::Method::POST,
+                &format!("/v1/semaphores/{SEM_NAME}/release"),
+                Some(body),
+                OP_TIMEOUT,
+            )
+            .await;
+            complete(&sh, &mut process, inv, &outcome);
+        }
+        let _ = call(
+            &sh.http,
+            &addr,
+            reqwest::Method::DELETE,
+            &format!("/v1/leases/{lease}"),
+            None,
+            OP_TIMEOUT,
+        )
+        .await;
+    }
+}
+
 const LOCK_NAME: &str = "chaos-lock";
 const LOCK_WAIT_MS: u64 = 1500;
 
@@ -1073,20 +1162,44 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
         next_value: AtomicI64::new(1),
         keys: args.keys.max(1),
     });
+    if matches!(args.workload, Workload::Semaphore | Workload::Mixed) {
+        let created = {
+            let mut ok = false;
+            for attempt in 0..100 {
+                let (_, addr) = &sh.addrs[attempt % sh.addrs.len()];
+                let body = json!({"capacity": SEM_CAPACITY});
+                if let Outcome::Ok(_) = call(
+                    &sh.http,
+                    addr,
+                    reqwest::Method::POST,
+                    &format!("/v1/semaphores/{SEM_NAME}"),
+                    Some(body),
+                    OP_TIMEOUT,
+                )
+                .await
+                {
+                    ok = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            ok
+        };
+        anyhow::ensure!(created, "could not create the semaphore");
+    }
     let mut tasks = Vec::new();
     for i in 0..args.clients.max(1) {
         let s = sh.clone();
         let client_seed = rng.gen();
-        let lock = match args.workload {
-            Workload::Register => false,
-            Workload::Lock => true,
-            Workload::Mixed => i % 2 == 1,
+        let kind = match args.workload {
+            Workload::Mixed => [Workload::Register, Workload::Lock, Workload::Semaphore][i % 3],
+            w => w,
         };
         tasks.push(tokio::spawn(async move {
-            if lock {
-                lock_client(s, client_seed).await
-            } else {
-                register_client(s, client_seed).await
+            match kind {
+                Workload::Lock => lock_client(s, client_seed).await,
+                Workload::Semaphore => semaphore_client(s, client_seed).await,
+                _ => register_client(s, client_seed).await,
             }
         }));
     }
@@ -1144,7 +1257,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Final linearizable reads of every register: an acknowledged write that is lost shows.
-    if args.workload != Workload::Lock {
+    if matches!(args.workload, Workload::Register | Workload::Mixed) {
         for k in 0..sh.keys {
             let key = format!("r{k}");
             for attempt in 0..20 {

@@ -26,6 +26,12 @@ pub struct Lease {
     pub waiting: BTreeSet<String>,
     /// Keys bound to this lease.
     pub keys: BTreeSet<String>,
+    /// Semaphores this lease holds permits of.
+    #[serde(default)]
+    pub sems: BTreeSet<String>,
+    /// Semaphores this lease waits for.
+    #[serde(default)]
+    pub sem_waiting: BTreeSet<String>,
 }
 
 impl Sm {
@@ -52,6 +58,8 @@ impl Sm {
             locks: BTreeSet::new(),
             waiting: BTreeSet::new(),
             keys: BTreeSet::new(),
+            sems: BTreeSet::new(),
+            sem_waiting: BTreeSet::new(),
         };
         self.lease_expiry.insert((lease.deadline_ms, index));
         self.leases.insert(index, lease);
@@ -109,6 +117,19 @@ impl Sm {
         }
         for name in &lease.locks {
             self.release_and_hand_off(index, name);
+        }
+        for name in &lease.sem_waiting {
+            self.sem_unqueue(name, lease_id);
+        }
+        for name in &lease.sems {
+            if let Some(s) = self.semaphores.get_mut(name) {
+                s.holders.remove(&lease_id);
+            }
+            self.sem_hand_off(index, name);
+        }
+        // A departed waiter may have been the head that did not fit.
+        for name in &lease.sem_waiting {
+            self.sem_hand_off(index, name);
         }
     }
 }

@@ -13,6 +13,7 @@
 mod kv;
 mod lease;
 mod lock;
+mod semaphore;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use kv::KvEntry;
 pub use lease::{Lease, MAX_TTL_MS, MIN_TTL_MS};
 pub use lock::{Holder, Lock, Waiter};
+pub use semaphore::{SemHolder, SemWaiter, Semaphore, AGING_MS, MAX_CAPACITY, MAX_PRIORITY};
 pub use types::*;
 
 /// How long an idempotency key is remembered, in log time.
@@ -62,6 +64,11 @@ pub struct Sm {
     /// Node ids removed from the cluster: never reused.
     #[serde(default)]
     pub retired_nodes: BTreeSet<u64>,
+    #[serde(default)]
+    pub semaphores: BTreeMap<String, Semaphore>,
+    /// (deadline_ms, semaphore, lease_id) of every semaphore waiter.
+    #[serde(default)]
+    sem_wait_expiry: BTreeSet<(u64, String, u64)>,
 }
 
 impl Sm {
@@ -145,6 +152,15 @@ impl Sm {
                 wait_ms,
             } => self.lock_acquire(index, now, name, *lease_id, *wait_ms),
             Command::LockRelease { name, lease_id } => self.lock_release(index, name, *lease_id),
+            Command::SemCreate { name, capacity } => self.sem_create(name, *capacity),
+            Command::SemAcquire {
+                name,
+                lease_id,
+                permits,
+                wait_ms,
+                priority,
+            } => self.sem_acquire(index, now, name, *lease_id, *permits, *wait_ms, *priority),
+            Command::SemRelease { name, lease_id } => self.sem_release(index, name, *lease_id),
             Command::RetireNode { node_id } => {
                 self.retired_nodes.insert(*node_id);
                 Response::Done
@@ -157,15 +173,30 @@ impl Sm {
     /// handed a lock by a later expiry in the same step.
     fn expire(&mut self, now: u64, index: u64) {
         loop {
-            let lease = self.lease_expiry.first().copied().filter(|e| e.0 <= now);
-            let wait = self.wait_expiry.first().cloned().filter(|e| e.0 <= now);
-            match (lease, wait) {
-                (Some((l, _)), Some((w, name, lease_id))) if w <= l => {
-                    self.remove_waiter(&name, lease_id)
+            let lease = self.lease_expiry.first().map(|e| e.0).filter(|d| *d <= now);
+            let wait = self.wait_expiry.first().map(|e| e.0).filter(|d| *d <= now);
+            let sem = self
+                .sem_wait_expiry
+                .first()
+                .map(|e| e.0)
+                .filter(|d| *d <= now);
+            // The earliest deadline goes first; on a tie, waits end before leases.
+            let earliest = [wait, sem, lease].into_iter().flatten().min();
+            let Some(d) = earliest else {
+                break;
+            };
+            if wait == Some(d) {
+                if let Some((_, name, lease_id)) = self.wait_expiry.first().cloned() {
+                    self.remove_waiter(&name, lease_id);
                 }
-                (None, Some((_, name, lease_id))) => self.remove_waiter(&name, lease_id),
-                (Some((_, lease_id)), _) => self.end_lease(index, lease_id),
-                (None, None) => break,
+            } else if sem == Some(d) {
+                if let Some((_, name, lease_id)) = self.sem_wait_expiry.first().cloned() {
+                    self.sem_unqueue(&name, lease_id);
+                    // The head may have been the one that did not fit.
+                    self.sem_hand_off(index, &name);
+                }
+            } else if let Some(&(_, lease_id)) = self.lease_expiry.first() {
+                self.end_lease(index, lease_id);
             }
         }
     }
@@ -184,10 +215,8 @@ impl Sm {
     pub fn next_deadline(&self) -> Option<u64> {
         let a = self.lease_expiry.first().map(|e| e.0);
         let b = self.wait_expiry.first().map(|e| e.0);
-        match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let c = self.sem_wait_expiry.first().map(|e| e.0);
+        [a, b, c].into_iter().flatten().min()
     }
 
     /// Check the structural invariants; used by tests after every apply.
@@ -240,6 +269,53 @@ impl Sm {
         if wait_expiry != self.wait_expiry {
             return Err("wait expiry index out of sync".into());
         }
+        let mut sem_wait_expiry = BTreeSet::new();
+        for (name, sem) in &self.semaphores {
+            if sem.used() > sem.capacity {
+                return Err(format!("semaphore {name} over capacity"));
+            }
+            if let Some(head) = sem.queue.first() {
+                if head.permits <= sem.free() {
+                    return Err(format!(
+                        "semaphore {name}: head waiter fits but was not granted"
+                    ));
+                }
+            }
+            for id in sem.holders.keys() {
+                match self.leases.get(id) {
+                    Some(l) if l.sems.contains(name) => {}
+                    _ => return Err(format!("semaphore {name} held by dead lease {id}")),
+                }
+            }
+            for w in &sem.queue {
+                match self.leases.get(&w.lease_id) {
+                    Some(l) if l.sem_waiting.contains(name) => {}
+                    _ => {
+                        return Err(format!(
+                            "dead lease {} waits on semaphore {name}",
+                            w.lease_id
+                        ))
+                    }
+                }
+                sem_wait_expiry.insert((w.deadline_ms, name.clone(), w.lease_id));
+            }
+        }
+        if sem_wait_expiry != self.sem_wait_expiry {
+            return Err("semaphore wait index out of sync".into());
+        }
+        for (id, l) in &self.leases {
+            for name in &l.sems {
+                if !self
+                    .semaphores
+                    .get(name)
+                    .is_some_and(|s| s.holders.contains_key(id))
+                {
+                    return Err(format!(
+                        "lease {id} claims permits of {name} it does not hold"
+                    ));
+                }
+            }
+        }
         for (key, e) in &self.kv {
             if let Some(id) = e.lease_id {
                 match self.leases.get(&id) {
@@ -259,5 +335,7 @@ fn lease_not_found(lease_id: u64) -> Response {
     )
 }
 
+#[cfg(test)]
+mod semaphore_tests;
 #[cfg(test)]
 mod tests;

@@ -68,6 +68,24 @@ pub enum Command {
     RetireNode {
         node_id: u64,
     },
+    /// Create a counting semaphore (idempotent with the same capacity).
+    SemCreate {
+        name: String,
+        capacity: u64,
+    },
+    /// Take `permits` for `lease_id`; `wait_ms` 0 never queues. `priority` 0..=9.
+    SemAcquire {
+        name: String,
+        lease_id: u64,
+        permits: u64,
+        wait_ms: u64,
+        priority: u64,
+    },
+    /// Give back every permit `lease_id` holds on `name`.
+    SemRelease {
+        name: String,
+        lease_id: u64,
+    },
 }
 
 impl Command {
@@ -83,6 +101,9 @@ impl Command {
             Command::LockAcquire { .. } => "lock_acquire",
             Command::LockRelease { .. } => "lock_release",
             Command::RetireNode { .. } => "retire_node",
+            Command::SemCreate { .. } => "sem_create",
+            Command::SemAcquire { .. } => "sem_acquire",
+            Command::SemRelease { .. } => "sem_release",
         }
     }
 }
@@ -184,6 +205,20 @@ pub enum Response {
     LockReleased {
         /// The lease the lock was handed to in the same step, if any.
         next_holder: Option<u64>,
+    },
+    SemCreated {
+        capacity: u64,
+        created: bool,
+    },
+    SemGranted {
+        token: u64,
+    },
+    SemQueued {
+        position: u64,
+    },
+    SemReleased {
+        /// Leases granted permits in the same step, in grant order.
+        granted: Vec<u64>,
     },
     Rejected(Rejection),
 }

@@ -1,0 +1,1 @@
+//! Semaphore tests (being written).
