@@ -170,7 +170,18 @@ impl Sm {
                 position: pos as u64 + 1,
             };
         }
-        if sem.queue.is_empty() && permits <= sem.free() {
+        let w = SemWaiter {
+            lease_id,
+            permits,
+            priority,
+            since_ms: now,
+            deadline_ms: now + wait_ms,
+            seq: index,
+        };
+        let pos = sem.queue.partition_point(|x| x.key() < w.key());
+        // Ahead of every waiter (the queue is empty, or its priority is a head start past the
+        // current head): it is the head, and a head that fits is granted at once.
+        if pos == 0 && permits <= sem.free() {
             sem.holders.insert(
                 lease_id,
                 SemHolder {
@@ -192,15 +203,6 @@ impl Sm {
                 ),
             ));
         }
-        let w = SemWaiter {
-            lease_id,
-            permits,
-            priority,
-            since_ms: now,
-            deadline_ms: now + wait_ms,
-            seq: index,
-        };
-        let pos = sem.queue.partition_point(|x| x.key() < w.key());
         self.sem_wait_expiry
             .insert((w.deadline_ms, name.to_string(), lease_id));
         sem.queue.insert(pos, w);
