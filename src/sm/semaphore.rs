@@ -6,6 +6,8 @@
 //! waiters that arrive less than `(MAX_PRIORITY - p) * AGING_MS` after it, so it is served in
 //! bounded time. Grants go strictly from the head of the queue: a waiter that needs more permits
 //! than are free blocks the ones behind it (no barging), so large requests do not starve either.
+//! A new request that would sort first (an empty queue, or a priority head start past the
+//! current head) is the head, and is granted at once if it fits.
 //!
 //! Invariants: permits held never exceed capacity; a non-empty queue's head does not fit in the
 //! free permits (otherwise it would have been granted in the same step); every holder and waiter
