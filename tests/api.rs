@@ -397,3 +397,36 @@ async fn followers_redirect_on_request_and_every_response_names_the_leader() {
     assert_eq!((s, v["value"].as_str()), (200, Some("x")));
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_list_pages_with_start_after() {
+    let c = TestCluster::start(1).await;
+    c.wait_leader().await;
+    let h = Http::new(&c.addrs[&1]);
+    for k in ["a/1", "a/2", "a/3", "b/1"] {
+        assert_eq!(
+            h.put(&format!("/v1/kv/{k}"), r#"{"value": "v"}"#).await.0,
+            200
+        );
+    }
+    let keys = |v: &Value| -> Vec<String> {
+        v["kvs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (s, page1) = h.get("/v1/kv?prefix=a/&limit=2").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        (keys(&page1), page1["more"].as_bool()),
+        (vec!["a/1".to_string(), "a/2".into()], Some(true))
+    );
+    let (_, page2) = h.get("/v1/kv?prefix=a/&limit=2&start_after=a/2").await;
+    assert_eq!(
+        (keys(&page2), page2["more"].as_bool()),
+        (vec!["a/3".to_string()], Some(false))
+    );
+    c.shutdown().await;
+}

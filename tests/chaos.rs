@@ -3,12 +3,11 @@
 //! checker must catch a real bug: nodes started with the deliberately unsafe
 //! `--unsafe-stale-reads` serve stale reads under a partition, and the run must fail.
 //!
-//! Semaphores under kill and partition.
-//! Also register and lock under real partitions (`--net netns`: network namespaces, veth,
-//! iptables; needs root, which this machine's CI has).
+//! Also semaphores under kill and partition, and register and lock under real partitions
+//! (`--net netns`: network namespaces, veth, iptables; needs root, which this machine's CI has).
 //!
 //! Runs one after another (one test) so that two clusters never compete for the two cores.
-//! `CONCORD_CHAOS_SECS` sets the length of each run (default 45).
+//! `CONCORD_CHAOS_SECS` sets the length of each run (default 35).
 
 use std::process::Command;
 
@@ -49,23 +48,34 @@ fn chaos_matrix_is_clean_and_the_checker_catches_unsafe_reads() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(35);
     let dir = TempDir::new().unwrap();
-    let mut failures = Vec::new();
-    let mut seed = 100;
+    let mut runs: Vec<(&str, &str, &[&str])> = Vec::new();
     for workload in ["register", "lock"] {
         for nemesis in ["kill", "pause", "partition"] {
-            seed += 1;
-            let (ok, stdout) = chaos(workload, nemesis, seed, secs, &[], &dir);
-            assert!(
-                stdout.contains("faults injected:"),
-                "no summary for {workload}/{nemesis}"
-            );
-            assert!(
-                !stdout.contains("faults injected: 0"),
-                "no fault injected in {workload}/{nemesis}"
-            );
-            if !ok {
-                failures.push(format!("{workload}/{nemesis} seed {seed}"));
-            }
+            runs.push((workload, nemesis, &[]));
+        }
+    }
+    // Semaphore permits never exceed the capacity, under kills and partitions.
+    runs.push(("semaphore", "kill", &[]));
+    runs.push(("semaphore", "partition", &[]));
+    // Real network partitions: network namespaces, veth, iptables (CI here runs as root).
+    runs.push(("register", "partition", &["--net", "netns"]));
+    runs.push(("lock", "partition", &["--net", "netns"]));
+
+    let mut failures = Vec::new();
+    for (i, (workload, nemesis, extra)) in runs.into_iter().enumerate() {
+        let seed = 101 + i as u64;
+        let (ok, stdout) = chaos(workload, nemesis, seed, secs, extra, &dir);
+        let what = format!("{workload}/{nemesis} {extra:?} seed {seed}");
+        assert!(
+            stdout.contains("faults injected:"),
+            "no summary for {what}:\n{stdout}"
+        );
+        assert!(
+            !stdout.contains("faults injected: 0"),
+            "no fault injected in {what}"
+        );
+        if !ok {
+            failures.push(what);
         }
     }
     assert!(
