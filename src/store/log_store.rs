@@ -35,7 +35,10 @@ impl LogStore {
     pub(super) fn new(db: Arc<DB>) -> LogStore {
         let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
         let stats = Arc::new(FsyncStats::default());
-        let flush_db = db.clone();
+        // A weak handle: the thread must not be what keeps RocksDB open. Otherwise the last
+        // reference could be dropped here, closing the DB concurrently with process exit
+        // (RocksDB then aborts with "pthread lock: Invalid argument").
+        let flush_db = Arc::downgrade(&db);
         let flush_stats = stats.clone();
         // One fsync covers every append whose batch was written before it started.
         std::thread::Builder::new()
@@ -46,7 +49,10 @@ impl LogStore {
                     while let Ok(more) = rx.try_recv() {
                         batch.push(more);
                     }
-                    let res = flush_db.flush_wal(true);
+                    let res = match flush_db.upgrade() {
+                        Some(db) => db.flush_wal(true).map_err(io_err),
+                        None => Err(io_err("the store is closed")),
+                    };
                     flush_stats.fsyncs.fetch_add(1, Ordering::Relaxed);
                     flush_stats
                         .appends
