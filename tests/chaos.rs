@@ -3,7 +3,7 @@
 //! checker must catch a real bug: nodes started with the deliberately unsafe
 //! `--unsafe-stale-reads` serve stale reads under a partition, and the run must fail.
 //!
-//! Also semaphores under kill and partition, and register and lock under real partitions
+//! Also register and lock under real partitions
 //! (`--net netns`: network namespaces, veth, iptables; needs root, which this machine's CI has).
 //!
 //! Runs one after another (one test) so that two clusters never compete for the two cores.
@@ -54,9 +54,6 @@ fn chaos_matrix_is_clean_and_the_checker_catches_unsafe_reads() {
             runs.push((workload, nemesis, &[]));
         }
     }
-    // Semaphore permits never exceed the capacity, under kills and partitions.
-    runs.push(("semaphore", "kill", &[]));
-    runs.push(("semaphore", "partition", &[]));
     // Real network partitions: network namespaces, veth, iptables (CI here runs as root).
     runs.push(("register", "partition", &["--net", "netns"]));
     runs.push(("lock", "partition", &["--net", "netns"]));

@@ -714,6 +714,9 @@ async fn register_client(sh: Arc<Shared>, seed: u64) {
 
 const SEM_NAME: &str = "chaos-sem";
 const SEM_CAPACITY: u64 = 2;
+/// The capacity checker counts a hold from the acquire's `ok` to the release's invocation, so
+/// the lease must outlive that window: at most the acquire timeout (3.5 s) plus the hold.
+const SEM_LEASE_TTL_MS: u64 = 10_000;
 
 async fn semaphore_client(sh: Arc<Shared>, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -726,7 +729,7 @@ async fn semaphore_client(sh: Arc<Shared>, seed: u64) {
             &addr,
             reqwest::Method::POST,
             "/v1/leases",
-            Some(json!({"ttl_ms": 3000})),
+            Some(json!({"ttl_ms": SEM_LEASE_TTL_MS})),
             OP_TIMEOUT,
         )
         .await
