@@ -490,23 +490,6 @@ impl Recorder {
     }
 }
 
-fn event(process: u64, kind: Kind, op: OpKind, key: &str, time_ns: u64) -> Event {
-    Event {
-        process,
-        kind,
-        op,
-        key: key.to_string(),
-        value: None,
-        expected: None,
-        token: None,
-        revision: None,
-        capacity: None,
-        node: None,
-        time_ns,
-        error: None,
-    }
-}
-
 enum Outcome {
     Ok(Value),
     Fail(String),
@@ -613,7 +596,7 @@ async fn recorded_read(
     node: usize,
 ) -> Option<(Option<i64>, u64)> {
     let (id, addr) = &sh.addrs[node];
-    let mut inv = event(*process, Kind::Invoke, OpKind::Read, key, sh.rec.now());
+    let mut inv = Event::new(*process, Kind::Invoke, OpKind::Read, key, sh.rec.now());
     inv.node = Some(*id);
     sh.rec.record(inv.clone());
     let outcome = call(
@@ -655,7 +638,7 @@ async fn register_client(sh: Arc<Shared>, seed: u64) {
             }
             4..=6 => {
                 let value = sh.next_value.fetch_add(1, Ordering::Relaxed);
-                let mut inv = event(process, Kind::Invoke, OpKind::Write, &key, sh.rec.now());
+                let mut inv = Event::new(process, Kind::Invoke, OpKind::Write, &key, sh.rec.now());
                 inv.value = Some(value);
                 inv.node = Some(id);
                 sh.rec.record(inv.clone());
@@ -684,7 +667,7 @@ async fn register_client(sh: Arc<Shared>, seed: u64) {
                     continue;
                 };
                 let value = sh.next_value.fetch_add(1, Ordering::Relaxed);
-                let mut inv = event(process, Kind::Invoke, OpKind::Cas, &key, sh.rec.now());
+                let mut inv = Event::new(process, Kind::Invoke, OpKind::Cas, &key, sh.rec.now());
                 inv.value = Some(value);
                 inv.expected = current;
                 inv.node = Some(id);
@@ -737,7 +720,7 @@ async fn semaphore_client(sh: Arc<Shared>, seed: u64) {
             Outcome::Ok(v) => v["lease_id"].as_u64().unwrap_or(0),
             _ => continue,
         };
-        let mut inv = event(
+        let mut inv = Event::new(
             process,
             Kind::Invoke,
             OpKind::SemAcquire,
@@ -767,7 +750,7 @@ async fn semaphore_client(sh: Arc<Shared>, seed: u64) {
         complete(&sh, &mut process, done, &outcome);
         if token.is_some() {
             tokio::time::sleep(Duration::from_millis(rng.gen_range(5..40))).await;
-            let mut inv = event(
+            let mut inv = Event::new(
                 process,
                 Kind::Invoke,
                 OpKind::SemRelease,
@@ -827,7 +810,7 @@ async fn lock_client(sh: Arc<Shared>, seed: u64) {
                 continue;
             }
         };
-        let mut inv = event(
+        let mut inv = Event::new(
             process,
             Kind::Invoke,
             OpKind::Acquire,
@@ -856,7 +839,7 @@ async fn lock_client(sh: Arc<Shared>, seed: u64) {
         complete(&sh, &mut process, done, &outcome);
         if let Some(token) = token {
             let value = sh.next_value.fetch_add(1, Ordering::Relaxed);
-            let mut inv = event(
+            let mut inv = Event::new(
                 process,
                 Kind::Invoke,
                 OpKind::FencedWrite,
@@ -884,7 +867,7 @@ async fn lock_client(sh: Arc<Shared>, seed: u64) {
             }
             complete(&sh, &mut process, done, &outcome);
 
-            let mut inv = event(
+            let mut inv = Event::new(
                 process,
                 Kind::Invoke,
                 OpKind::Release,
