@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::{lease_not_found, ErrorCode, Response, Sm};
+use super::{lease_not_found, ErrorCode, Kind, Response, Sm};
 
 /// Shortest TTL: the leader-change grace (not the TTL) covers elections, so a TTL only has to
 /// exceed a keepalive round trip; 1 s keeps keepalive traffic at a few writes per second.
@@ -32,6 +32,9 @@ pub struct Lease {
     /// Semaphores this lease waits for.
     #[serde(default)]
     pub sem_waiting: BTreeSet<String>,
+    /// Barriers, elections, queues and conditions this lease holds or waits in.
+    #[serde(default)]
+    pub parts: BTreeSet<(Kind, String)>,
 }
 
 impl Sm {
@@ -60,6 +63,7 @@ impl Sm {
             keys: BTreeSet::new(),
             sems: BTreeSet::new(),
             sem_waiting: BTreeSet::new(),
+            parts: BTreeSet::new(),
         };
         self.lease_expiry.insert((lease.deadline_ms, index));
         self.leases.insert(index, lease);
@@ -130,6 +134,9 @@ impl Sm {
         // A departed waiter may have been the head that did not fit.
         for name in &lease.sem_waiting {
             self.sem_hand_off(index, name);
+        }
+        for (kind, name) in &lease.parts {
+            self.part_lease_ended(index, *kind, name, lease_id);
         }
     }
 }

@@ -10,9 +10,15 @@
 //! - a lock's tokens strictly increase: a token is the log index of the granting entry;
 //! - the expiry indexes hold exactly the live leases and waiters.
 
+mod barrier;
+mod condition;
+mod election;
+mod events;
 mod kv;
 mod lease;
 mod lock;
+mod parts;
+mod queue;
 mod semaphore;
 mod types;
 
@@ -20,9 +26,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+pub use events::{Event, EventBuf};
 pub use kv::KvEntry;
 pub use lease::{Lease, MAX_TTL_MS, MIN_TTL_MS};
 pub use lock::{Holder, Lock, Waiter};
+pub use parts::{Kind, Timer};
 pub use semaphore::{SemHolder, SemWaiter, Semaphore, AGING_MS, MAX_CAPACITY, MAX_PRIORITY};
 pub use types::*;
 
@@ -69,6 +77,12 @@ pub struct Sm {
     /// (deadline_ms, semaphore, lease_id) of every semaphore waiter.
     #[serde(default)]
     sem_wait_expiry: BTreeSet<(u64, String, u64)>,
+    /// Wait deadlines of barriers, elections, queues and conditions (see `parts.rs`).
+    #[serde(default)]
+    timers: BTreeSet<(u64, Timer)>,
+    /// Changes made by the entries applied since the storage layer last drained them.
+    #[serde(skip)]
+    events: EventBuf,
 }
 
 impl Sm {
@@ -181,7 +195,8 @@ impl Sm {
                 .map(|e| e.0)
                 .filter(|d| *d <= now);
             // The earliest deadline goes first; on a tie, waits end before leases.
-            let earliest = [wait, sem, lease].into_iter().flatten().min();
+            let timer = self.timers.first().map(|e| e.0).filter(|d| *d <= now);
+            let earliest = [wait, sem, timer, lease].into_iter().flatten().min();
             let Some(d) = earliest else {
                 break;
             };
@@ -194,6 +209,10 @@ impl Sm {
                     self.sem_unqueue(&name, lease_id);
                     // The head may have been the one that did not fit.
                     self.sem_hand_off(index, &name);
+                }
+            } else if timer == Some(d) {
+                if let Some((_, t)) = self.timers.pop_first() {
+                    self.timer_fired(index, &t);
                 }
             } else if let Some(&(_, lease_id)) = self.lease_expiry.first() {
                 self.end_lease(index, lease_id);
@@ -216,7 +235,8 @@ impl Sm {
         let a = self.lease_expiry.first().map(|e| e.0);
         let b = self.wait_expiry.first().map(|e| e.0);
         let c = self.sem_wait_expiry.first().map(|e| e.0);
-        [a, b, c].into_iter().flatten().min()
+        let d = self.timers.first().map(|e| e.0);
+        [a, b, c, d].into_iter().flatten().min()
     }
 
     /// Check the structural invariants; used by tests after every apply.
@@ -316,6 +336,7 @@ impl Sm {
                 }
             }
         }
+        self.check_parts()?;
         for (key, e) in &self.kv {
             if let Some(id) = e.lease_id {
                 match self.leases.get(&id) {
@@ -335,6 +356,8 @@ fn lease_not_found(lease_id: u64) -> Response {
     )
 }
 
+#[cfg(test)]
+mod harness;
 #[cfg(test)]
 mod semaphore_tests;
 #[cfg(test)]

@@ -1,0 +1,31 @@
+//! Barriers and double barriers (placeholder: the hooks the shared plumbing in `parts.rs` calls.)
+
+use super::Sm;
+
+impl Sm {
+    pub(super) fn barrier_timer(&mut self, _index: u64, _name: &str, _lease_id: u64) {}
+
+    pub(super) fn barrier_lease_ended(&mut self, _index: u64, _name: &str, _lease_id: u64) {}
+
+    pub(super) fn barrier_mentions(&self, _name: &str, _lease_id: u64) -> bool {
+        false
+    }
+
+    /// Check invariants; returns how many timers this primitive expects in `timers`.
+    pub(super) fn check_barriers(&self) -> Result<usize, String> {
+        Ok(0)
+    }
+
+    pub(super) fn double_barrier_timer(&mut self, _index: u64, _name: &str, _lease_id: u64) {}
+
+    pub(super) fn double_barrier_lease_ended(&mut self, _index: u64, _name: &str, _lease_id: u64) {}
+
+    pub(super) fn double_barrier_mentions(&self, _name: &str, _lease_id: u64) -> bool {
+        false
+    }
+
+    /// Check invariants; returns how many timers this primitive expects in `timers`.
+    pub(super) fn check_double_barriers(&self) -> Result<usize, String> {
+        Ok(0)
+    }
+}

@@ -1,0 +1,18 @@
+//! Condition variables (placeholder: the hooks the shared plumbing in `parts.rs` calls.)
+
+use super::Sm;
+
+impl Sm {
+    pub(super) fn condition_timer(&mut self, _index: u64, _name: &str, _lease_id: u64) {}
+
+    pub(super) fn condition_lease_ended(&mut self, _index: u64, _name: &str, _lease_id: u64) {}
+
+    pub(super) fn condition_mentions(&self, _name: &str, _lease_id: u64) -> bool {
+        false
+    }
+
+    /// Check invariants; returns how many timers this primitive expects in `timers`.
+    pub(super) fn check_conditions(&self) -> Result<usize, String> {
+        Ok(0)
+    }
+}

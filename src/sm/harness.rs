@@ -1,0 +1,87 @@
+//! Test harness shared by the state machine's test modules: a state machine plus the next log
+//! index and leader term, checking the invariants after every apply.
+
+use super::*;
+
+pub(super) struct Harness {
+    pub sm: Sm,
+    pub index: u64,
+    /// Leader term of the next entry; `h.term += 1` makes it the first of a new term.
+    pub term: u64,
+    /// Extra per-module checks, run after `check_invariants`.
+    pub check: fn(&Sm) -> Result<(), String>,
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        Harness::with_check(|_| Ok(()))
+    }
+
+    pub fn with_check(check: fn(&Sm) -> Result<(), String>) -> Harness {
+        Harness {
+            sm: Sm::new(),
+            index: 0,
+            term: 1,
+            check,
+        }
+    }
+
+    pub fn apply_req(&mut self, time_ms: u64, request_id: Option<&str>, cmd: Command) -> Response {
+        self.index += 1;
+        let entry = LogEntry {
+            time_ms,
+            request_id: request_id.map(str::to_string),
+            cmd,
+        };
+        let r = self.sm.apply(self.index, self.term, &entry);
+        if let Err(e) = self
+            .sm
+            .check_invariants()
+            .and_then(|_| (self.check)(&self.sm))
+        {
+            panic!("invariant broken by {entry:?} at index {}: {e}", self.index);
+        }
+        assert_eq!(self.sm.index, self.index);
+        r
+    }
+
+    pub fn apply(&mut self, time_ms: u64, cmd: Command) -> Response {
+        self.apply_req(time_ms, None, cmd)
+    }
+
+    /// Apply a tick; returns its index.
+    pub fn tick(&mut self, time_ms: u64) -> u64 {
+        assert_eq!(self.apply(time_ms, Command::Tick), Response::Done);
+        self.index
+    }
+
+    /// Grant a lease; returns its id.
+    pub fn grant(&mut self, time_ms: u64, ttl_ms: u64) -> u64 {
+        let r = self.apply(
+            time_ms,
+            Command::LeaseGrant {
+                ttl_ms,
+                owner: None,
+            },
+        );
+        assert_eq!(
+            r,
+            Response::LeaseGranted {
+                lease_id: self.index,
+                ttl_ms
+            }
+        );
+        self.index
+    }
+
+    pub fn revoke(&mut self, time_ms: u64, lease_id: u64) -> Response {
+        self.apply(time_ms, Command::LeaseRevoke { lease_id })
+    }
+
+    /// Snapshot round trip: JSON out and back must give the same state.
+    pub fn assert_round_trip(&self) {
+        let json = serde_json::to_string(&self.sm).expect("serialize");
+        let back: Sm = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, self.sm);
+    }
+}
