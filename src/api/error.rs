@@ -45,7 +45,9 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::NotFound | ErrorCode::LeaseNotFound => StatusCode::NOT_FOUND,
-        ErrorCode::Conflict | ErrorCode::LockHeld | ErrorCode::Timeout => StatusCode::CONFLICT,
+        ErrorCode::Conflict | ErrorCode::LockHeld | ErrorCode::Timeout | ErrorCode::Deadlock => {
+            StatusCode::CONFLICT
+        }
         ErrorCode::Fenced | ErrorCode::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::NoLeader | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -60,6 +62,9 @@ impl From<Rejection> for ApiError {
         }
         if let Some(t) = r.current_token {
             e = e.with("current_token", t);
+        }
+        if !r.cycle.is_empty() {
+            e = e.with("cycle", serde_json::to_value(&r.cycle).unwrap_or_default());
         }
         e
     }

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::{ApiJson, ApiQuery};
 use crate::node::{now_ms, Node};
-use crate::sm::{Command, ErrorCode, Fence, Response, MAX_WAIT_MS};
+use crate::sm::{Command, ErrorCode, Fence, LockMode, Response, MAX_WAIT_MS};
 
 /// Longest key, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -596,6 +596,9 @@ struct LockAcquire {
     lease_id: u64,
     #[serde(default)]
     wait_ms: u64,
+    /// "exclusive" (default) or "shared".
+    #[serde(default)]
+    mode: LockMode,
     request_id: Option<String>,
 }
 
@@ -620,8 +623,12 @@ async fn lock_acquire(
         name: name.clone(),
         lease_id: b.lease_id,
         wait_ms: b.wait_ms,
+        mode: b.mode,
     };
-    let granted = |token: u64| ok(json!({"lock": name, "lease_id": b.lease_id, "token": token}));
+    let mode = b.mode;
+    let granted = |token: u64| {
+        ok(json!({"lock": name, "lease_id": b.lease_id, "mode": mode.as_str(), "token": token}))
+    };
     match apply(&node, cmd, b.request_id).await? {
         Response::LockGranted { token } => return granted(token),
         // A try-lock never waits, even when the lease is already queued by an earlier call.
@@ -640,9 +647,8 @@ async fn lock_acquire(
     let lease_id = b.lease_id;
     let token = wait_for_grant(&node, applied, lease_id, &format!("lock {name}"), |sm| {
         let lock = sm.locks.get(&name);
-        match lock.and_then(|l| l.holder.as_ref()) {
-            Some(h) if h.lease_id == lease_id => return WaitState::Granted(h.token),
-            _ => {}
+        if let Some((_, h)) = lock.and_then(|l| l.hold_of(lease_id)) {
+            return WaitState::Granted(h.token);
         }
         let waiter = lock.and_then(|l| l.queue.iter().find(|w| w.lease_id == lease_id));
         waiter.map_or(WaitState::Gone, |w| WaitState::Queued(w.deadline_ms))
@@ -747,18 +753,32 @@ async fn lock_get(
     read_barrier(&node, &q).await?;
     let st = node.sm.read();
     let lock = st.sm.locks.get(&name);
-    let holder = lock
-        .and_then(|l| l.holder.as_ref())
-        .map(|h| json!({"lease_id": h.lease_id, "token": h.token, "since_ms": h.since_ms}));
+    let hold = |h: &crate::sm::Holder| json!({"lease_id": h.lease_id, "token": h.token, "since_ms": h.since_ms});
+    let holder = lock.and_then(|l| l.holder.as_ref()).map(hold);
+    let shared: Vec<Value> = lock
+        .map(|l| l.shared.values().map(hold).collect())
+        .unwrap_or_default();
+    let mode = match (&holder, shared.is_empty()) {
+        (Some(_), _) => Some("exclusive"),
+        (None, false) => Some("shared"),
+        (None, true) => None,
+    };
     let queue: Vec<Value> = lock
         .map(|l| {
             l.queue
                 .iter()
-                .map(|w| json!({"lease_id": w.lease_id, "since_ms": w.since_ms, "deadline_ms": w.deadline_ms}))
+                .map(|w| json!({"lease_id": w.lease_id, "mode": w.mode.as_str(), "since_ms": w.since_ms, "deadline_ms": w.deadline_ms}))
                 .collect()
         })
         .unwrap_or_default();
-    ok(json!({"lock": name, "held": holder.is_some(), "holder": holder, "queue": queue}))
+    ok(json!({
+        "lock": name,
+        "held": mode.is_some(),
+        "mode": mode,
+        "holder": holder,
+        "shared_holders": shared,
+        "queue": queue,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -772,20 +792,19 @@ async fn fence_check(State(node): State<Arc<Node>>, ApiJson(b): ApiJson<FenceChe
     check_name("lock", &b.lock, MAX_NAME_LEN)?;
     node.read_barrier().await?;
     let st = node.sm.read();
-    let (mut valid, current) = st.sm.fence_valid(&b.lock, b.token);
+    let (_, current) = st.sm.fence_valid(&b.lock, b.token);
+    let hold = st.sm.token_holder(&b.lock, b.token);
+    let mut valid = hold.is_some();
     // A holder whose lease deadline has passed is no longer valid, even before the expiry
     // tick is applied: a fenced write stamped now would find the lock already handed off.
     let now = now_ms().max(st.sm.time_ms);
-    let holder_lease = st
-        .sm
-        .locks
-        .get(&b.lock)
-        .and_then(|l| l.holder.as_ref())
-        .map(|h| h.lease_id);
-    if let Some(lease) = holder_lease.and_then(|id| st.sm.leases.get(&id)) {
+    if let Some(lease) = hold.and_then(|(_, id)| st.sm.leases.get(&id)) {
         if lease.deadline_ms <= now {
             valid = false;
         }
     }
-    ok(json!({"lock": b.lock, "token": b.token, "valid": valid, "current_token": current}))
+    let mode = hold.map(|(m, _)| m.as_str());
+    ok(
+        json!({"lock": b.lock, "token": b.token, "valid": valid, "mode": mode, "current_token": current}),
+    )
 }

@@ -85,3 +85,55 @@ impl Harness {
         assert_eq!(back, self.sm);
     }
 }
+
+/// A `deadlock` refusal is right: the cycle starts and ends at `victim`, its edges chain, every
+/// edge but the first (the refused wait's) is in `twin`'s wait-for graph, the first names a
+/// lease that holds or waits on the resource, and `post` is `twin` (the state after only this
+/// entry's expiry) plus the recorded deadlock.
+pub(super) fn check_deadlock_refusal(
+    twin: &Sm,
+    post: &Sm,
+    victim: u64,
+    rej: &Rejection,
+) -> Result<(), String> {
+    let c = &rej.cycle;
+    if rej.code != ErrorCode::Deadlock || c.is_empty() {
+        return Err(format!("not a deadlock refusal: {rej:?}"));
+    }
+    if c[0].lease_id != victim || c[c.len() - 1].waits_for != victim {
+        return Err(format!("cycle does not start and end at {victim}: {c:?}"));
+    }
+    if c.windows(2).any(|w| w[0].waits_for != w[1].lease_id) {
+        return Err(format!("cycle edges do not chain: {c:?}"));
+    }
+    let graph = twin.wait_graph();
+    if let Some(e) = c[1..].iter().find(|e| !graph.contains(e)) {
+        return Err(format!("edge {e:?} is not in the wait-for graph {graph:?}"));
+    }
+    let target = c[0].waits_for;
+    let involved = match c[0].resource.split_once(':') {
+        Some(("lock", n)) => twin.locks.get(n).is_some_and(|l| {
+            l.hold_of(target).is_some() || l.queue.iter().any(|w| w.lease_id == target)
+        }),
+        Some(("semaphore", n)) => twin.semaphores.get(n).is_some_and(|s| {
+            s.holders.contains_key(&target) || s.queue.iter().any(|w| w.lease_id == target)
+        }),
+        _ => false,
+    };
+    if !involved {
+        return Err(format!(
+            "{target} neither holds nor waits on {}",
+            c[0].resource
+        ));
+    }
+    match post.deadlocks.back() {
+        Some(d) if d.victim == victim && &d.cycle == c => {}
+        other => return Err(format!("deadlock not recorded: {other:?}")),
+    }
+    let mut rest = post.clone();
+    rest.deadlocks = twin.deadlocks.clone();
+    if &rest != twin {
+        return Err("a refused wait changed the state".into());
+    }
+    Ok(())
+}

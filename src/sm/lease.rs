@@ -120,7 +120,11 @@ impl Sm {
             }
         }
         for name in &lease.locks {
-            self.release_and_hand_off(index, name);
+            self.release_lock(index, name, lease_id);
+        }
+        // A departed waiter may have been a writer that readers behind it waited for.
+        for name in &lease.waiting {
+            self.lock_hand_off(index, name);
         }
         for name in &lease.sem_waiting {
             self.sem_unqueue(name, lease_id);

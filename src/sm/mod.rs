@@ -4,7 +4,9 @@
 //! randomness, no `HashMap` iteration. Time comes from the entry (`time_ms`, stamped by the
 //! leader, clamped here so it never goes backwards). Invariants kept by every apply:
 //!
-//! - a lock has at most one holder; a lock without a holder has an empty queue;
+//! - a lock has one exclusive holder or any number of shared ones; a lock nobody holds has an
+//!   empty queue, and the head of a queue never fits the current holders;
+//! - the wait-for graph over locks and semaphores has no cycle (`deadlock.rs`);
 //! - every waiter's lease exists (waiters of an ending lease are removed in the same step that
 //!   ends it, before any hand-off), so a dead lease is never granted anything;
 //! - a lock's tokens strictly increase: a token is the log index of the granting entry;
@@ -12,6 +14,7 @@
 
 mod barrier;
 mod condition;
+mod deadlock;
 mod election;
 mod events;
 mod kv;
@@ -22,14 +25,15 @@ mod queue;
 mod semaphore;
 mod types;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+pub use deadlock::{DeadlockRecord, WaitEdge, RECENT_DEADLOCKS};
 pub use events::{Event, EventBuf};
 pub use kv::KvEntry;
 pub use lease::{Lease, MAX_TTL_MS, MIN_TTL_MS};
-pub use lock::{Holder, Lock, Waiter};
+pub use lock::{Holder, Lock, LockMode, Waiter};
 pub use parts::{Kind, Timer};
 pub use semaphore::{SemHolder, SemWaiter, Semaphore, AGING_MS, MAX_CAPACITY, MAX_PRIORITY};
 pub use types::*;
@@ -80,6 +84,9 @@ pub struct Sm {
     /// Wait deadlines of barriers, elections, queues and conditions (see `parts.rs`).
     #[serde(default)]
     timers: BTreeSet<(u64, Timer)>,
+    /// Recently refused deadlocks, oldest first (at most `RECENT_DEADLOCKS`).
+    #[serde(default)]
+    pub deadlocks: VecDeque<DeadlockRecord>,
     /// Changes made by the entries applied since the storage layer last drained them.
     #[serde(skip)]
     events: EventBuf,
@@ -164,7 +171,8 @@ impl Sm {
                 name,
                 lease_id,
                 wait_ms,
-            } => self.lock_acquire(index, now, name, *lease_id, *wait_ms),
+                mode,
+            } => self.lock_acquire(index, now, name, *lease_id, *wait_ms, *mode),
             Command::LockRelease { name, lease_id } => self.lock_release(index, name, *lease_id),
             Command::SemCreate { name, capacity } => self.sem_create(name, *capacity),
             Command::SemAcquire {
@@ -202,7 +210,7 @@ impl Sm {
             };
             if wait == Some(d) {
                 if let Some((_, name, lease_id)) = self.wait_expiry.first().cloned() {
-                    self.remove_waiter(&name, lease_id);
+                    self.remove_waiter(index, &name, lease_id);
                 }
             } else if sem == Some(d) {
                 if let Some((_, name, lease_id)) = self.sem_wait_expiry.first().cloned() {
@@ -245,8 +253,11 @@ impl Sm {
         for (id, l) in &self.leases {
             lease_expiry.insert((l.deadline_ms, *id));
             for name in &l.locks {
-                let holder = self.locks.get(name).and_then(|k| k.holder.as_ref());
-                if holder.map(|h| h.lease_id) != Some(*id) {
+                if !self
+                    .locks
+                    .get(name)
+                    .is_some_and(|k| k.hold_of(*id).is_some())
+                {
                     return Err(format!("lease {id} claims lock {name} it does not hold"));
                 }
             }
@@ -261,17 +272,37 @@ impl Sm {
         }
         let mut wait_expiry = BTreeSet::new();
         for (name, lock) in &self.locks {
-            match &lock.holder {
-                None if !lock.queue.is_empty() => {
-                    return Err(format!("lock {name} has waiters but no holder"))
+            if lock.is_free() {
+                return Err(format!("lock {name} kept with no holder"));
+            }
+            if lock.holder.is_some() && !lock.shared.is_empty() {
+                return Err(format!("lock {name} held exclusive and shared at once"));
+            }
+            for (id, h) in &lock.shared {
+                if h.lease_id != *id {
+                    return Err(format!(
+                        "shared hold of {name} by {id} names {}",
+                        h.lease_id
+                    ));
                 }
-                None => return Err(format!("empty lock {name} kept")),
-                Some(h) => match self.leases.get(&h.lease_id) {
+            }
+            for (_, h) in lock.holders() {
+                match self.leases.get(&h.lease_id) {
                     Some(l) if l.locks.contains(name) => {}
                     _ => return Err(format!("lock {name} held by dead lease {}", h.lease_id)),
-                },
+                }
+            }
+            if let Some(head) = lock.queue.front() {
+                let blocked = match head.mode {
+                    LockMode::Exclusive => !lock.is_free(),
+                    LockMode::Shared => lock.holder.is_some(),
+                };
+                if !blocked {
+                    return Err(format!("lock {name}: head waiter fits but was not granted"));
+                }
             }
             let mut seen = BTreeSet::new();
+            let mut writer_ahead = lock.holder.is_some();
             for w in &lock.queue {
                 if !seen.insert(w.lease_id) {
                     return Err(format!("lease {} queued twice on {name}", w.lease_id));
@@ -280,15 +311,23 @@ impl Sm {
                     Some(l) if l.waiting.contains(name) => {}
                     _ => return Err(format!("dead lease {} waits on {name}", w.lease_id)),
                 }
-                if Some(w.lease_id) == lock.holder.as_ref().map(|h| h.lease_id) {
+                if lock.hold_of(w.lease_id).is_some() {
                     return Err(format!("holder of {name} also queued"));
                 }
+                if w.mode == LockMode::Shared && !writer_ahead {
+                    return Err(format!(
+                        "reader {} waits on {name} with no writer ahead of it",
+                        w.lease_id
+                    ));
+                }
+                writer_ahead |= w.mode == LockMode::Exclusive;
                 wait_expiry.insert((w.deadline_ms, name.clone(), w.lease_id));
             }
         }
         if wait_expiry != self.wait_expiry {
             return Err("wait expiry index out of sync".into());
         }
+        self.check_no_cycles()?;
         let mut sem_wait_expiry = BTreeSet::new();
         for (name, sem) in &self.semaphores {
             if sem.used() > sem.capacity {
@@ -358,6 +397,8 @@ fn lease_not_found(lease_id: u64) -> Response {
 
 #[cfg(test)]
 mod harness;
+#[cfg(test)]
+mod rwlock_tests;
 #[cfg(test)]
 mod semaphore_tests;
 #[cfg(test)]

@@ -209,6 +209,18 @@ impl Sm {
             .insert((w.deadline_ms, name.to_string(), lease_id));
         sem.queue.insert(pos, w);
         lease.sem_waiting.insert(name.to_string());
+        // A wait that closes a cycle in the wait-for graph is refused, nothing applied: the
+        // waiter did not fit, so removing it unblocks nobody.
+        if let Some(cycle) = self.find_cycle(lease_id) {
+            self.sem_unqueue(name, lease_id);
+            return self.deadlock(index, lease_id, &format!("semaphore:{name}"), cycle);
+        }
+        self.emit(
+            "semaphore",
+            name,
+            "queued",
+            serde_json::json!({"lease_id": lease_id, "permits": permits, "position": pos + 1}),
+        );
         Response::SemQueued {
             position: pos as u64 + 1,
         }

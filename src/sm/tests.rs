@@ -166,6 +166,7 @@ impl H {
                 name: name.into(),
                 lease_id,
                 wait_ms,
+                mode: LockMode::Exclusive,
             },
         )
     }
@@ -1710,6 +1711,7 @@ impl Run {
                     name: name.into(),
                     lease_id,
                     wait_ms: *wait_ms,
+                    mode: LockMode::Exclusive,
                 }
             }
             Op::Release { lock, lease } => {
@@ -1864,6 +1866,14 @@ impl Run {
         let sm = &self.sm;
         let expected = expected_rejection(cmd, twin);
         match (resp, &expected) {
+            // A refused wait is checked against the graph; nothing else to compare.
+            (Response::Rejected(rej), None) if rej.code == ErrorCode::Deadlock => {
+                let victim = match cmd {
+                    Command::LockAcquire { lease_id, .. } => *lease_id,
+                    _ => return Err(fail(format!("{cmd:?} refused as a deadlock"))),
+                };
+                return super::harness::check_deadlock_refusal(twin, sm, victim, rej).map_err(fail);
+            }
             (Response::Rejected(rej), Some(want)) => {
                 prop_assert_eq!(rej.code, want.code);
                 prop_assert_eq!(rej.current_version, want.current_version);
@@ -2124,6 +2134,7 @@ fn expected_rejection(cmd: &Command, sm: &Sm) -> Option<Rejection> {
             name,
             lease_id,
             wait_ms,
+            ..
         } => {
             if name.is_empty() || *wait_ms > MAX_WAIT_MS {
                 return reject(ErrorCode::InvalidArgument);

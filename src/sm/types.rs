@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::{LockMode, WaitEdge};
+
 /// One entry of the replicated log as the application sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEntry {
@@ -59,6 +61,8 @@ pub enum Command {
         name: String,
         lease_id: u64,
         wait_ms: u64,
+        #[serde(default)]
+        mode: LockMode,
     },
     LockRelease {
         name: String,
@@ -125,6 +129,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     NoLeader,
     Unavailable,
+    Deadlock,
 }
 
 impl ErrorCode {
@@ -143,6 +148,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::NoLeader => "no_leader",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Deadlock => "deadlock",
         }
     }
 }
@@ -158,6 +164,9 @@ pub struct Rejection {
     /// Current holder's token, for `lock_held` and `fenced`.
     #[serde(default)]
     pub current_token: Option<u64>,
+    /// The wait-for cycle, for `deadlock`.
+    #[serde(default)]
+    pub cycle: Vec<WaitEdge>,
 }
 
 impl Rejection {
@@ -167,6 +176,7 @@ impl Rejection {
             message: message.into(),
             current_version: None,
             current_token: None,
+            cycle: Vec::new(),
         }
     }
 }
