@@ -293,17 +293,60 @@ impl Client {
         lease_id: u64,
         wait_ms: u64,
     ) -> Result<u64, ClientError> {
+        self.lock_acquire_mode(name, lease_id, wait_ms, "exclusive")
+            .await
+    }
+
+    /// Acquire `name` in `mode` ("exclusive" or "shared"); returns the token.
+    pub async fn lock_acquire_mode(
+        &self,
+        name: &str,
+        lease_id: u64,
+        wait_ms: u64,
+        mode: &str,
+    ) -> Result<u64, ClientError> {
         let path = format!("/v1/locks/{}/acquire", encode_segment(name));
         let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(15);
         let v = self
             .mutate(
                 Method::POST,
                 &path,
-                json!({"lease_id": lease_id, "wait_ms": wait_ms}),
+                json!({"lease_id": lease_id, "wait_ms": wait_ms, "mode": mode}),
                 timeout,
             )
             .await?;
         Ok(v["token"].as_u64().unwrap_or(0))
+    }
+
+    /// Open a watch stream (`/v1/watch?QUERY`) on endpoint `i` (no failover: a caller that
+    /// loses the stream resumes from the next revision, on any endpoint).
+    pub async fn watch(&self, i: usize, query: &str) -> Result<Watch, ClientError> {
+        let base = &self.endpoints[i % self.endpoints.len()];
+        let url = format!("{base}/v1/watch?{query}");
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unavailable(format!("{url}: {e}")))?;
+        let status = resp.status().as_u16();
+        if status >= 300 {
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            return Err(ClientError::Api {
+                status,
+                code: v["error"]["code"].as_str().unwrap_or("unknown").to_string(),
+                message: v["error"]["message"].as_str().unwrap_or("").to_string(),
+                body: v,
+            });
+        }
+        Ok(Watch {
+            resp,
+            buf: String::new(),
+        })
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
     }
 
     pub async fn lock_release(&self, name: &str, lease_id: u64) -> Result<Value, ClientError> {
@@ -394,4 +437,48 @@ pub fn encode_path(s: &str) -> String {
 /// Percent-encode one path segment or query value (`/` included).
 pub fn encode_segment(s: &str) -> String {
     encode_path(s).replace('/', "%2F")
+}
+
+/// A Server-Sent Events stream from `/v1/watch`.
+pub struct Watch {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+/// One SSE event: its name (`change`, `progress`, `compacted`) and JSON data.
+#[derive(Debug, Clone)]
+pub struct WatchEvent {
+    pub event: String,
+    pub data: Value,
+}
+
+impl Watch {
+    /// The next event; `Ok(None)` when the server ended the stream; an error when the
+    /// connection broke.
+    pub async fn next(&mut self) -> Result<Option<WatchEvent>, ClientError> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut event = String::from("message");
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                let data = serde_json::from_str(&data).unwrap_or(Value::String(data));
+                return Ok(Some(WatchEvent { event, data }));
+            }
+            match self.resp.chunk().await {
+                Ok(Some(bytes)) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(ClientError::Unavailable(format!("watch stream: {e}"))),
+            }
+        }
+    }
 }

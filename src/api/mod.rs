@@ -11,6 +11,7 @@ mod forward;
 mod raft;
 mod semaphores;
 mod v1;
+mod watch;
 
 use std::sync::Arc;
 
@@ -37,6 +38,7 @@ pub fn router(node: Arc<Node>) -> Router {
         ));
     Router::new()
         .merge(v1::local_routes())
+        .merge(watch::routes())
         .merge(leader_routes)
         .merge(raft::routes().layer(middleware::from_fn_with_state(
             node.clone(),

@@ -67,6 +67,12 @@ impl Sm {
                 l.keys.insert(key.to_string());
             }
         }
+        self.emit(
+            "kv",
+            key,
+            "put",
+            serde_json::json!({"value": value, "version": version, "lease_id": lease_id}),
+        );
         self.kv.insert(
             key.to_string(),
             KvEntry {
@@ -93,6 +99,7 @@ impl Sm {
                 if let Some(l) = e.lease_id.and_then(|id| self.leases.get_mut(&id)) {
                     l.keys.remove(key);
                 }
+                self.emit("kv", key, "delete", serde_json::json!({}));
                 Response::KvDeleted {
                     deleted: true,
                     revision: index,

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeSet;
 
+use serde_json::json;
+
 use serde::{Deserialize, Serialize};
 
 use super::{lease_not_found, ErrorCode, Kind, Response, Sm};
@@ -66,6 +68,12 @@ impl Sm {
             parts: BTreeSet::new(),
         };
         self.lease_expiry.insert((lease.deadline_ms, index));
+        self.emit(
+            "lease",
+            &index.to_string(),
+            "granted",
+            json!({"lease_id": index, "ttl_ms": ttl_ms, "owner": lease.owner}),
+        );
         self.leases.insert(index, lease);
         Response::LeaseGranted {
             lease_id: index,
@@ -79,11 +87,15 @@ impl Sm {
         };
         self.lease_expiry.remove(&(lease.deadline_ms, lease_id));
         lease.deadline_ms = lease.deadline_ms.max(now + lease.ttl_ms);
-        self.lease_expiry.insert((lease.deadline_ms, lease_id));
-        Response::LeaseKept {
-            lease_id,
-            ttl_ms: lease.ttl_ms,
-        }
+        let (deadline_ms, ttl_ms) = (lease.deadline_ms, lease.ttl_ms);
+        self.lease_expiry.insert((deadline_ms, lease_id));
+        self.emit(
+            "lease",
+            &lease_id.to_string(),
+            "keepalive",
+            json!({"lease_id": lease_id, "deadline_ms": deadline_ms}),
+        );
+        Response::LeaseKept { lease_id, ttl_ms }
     }
 
     /// Raise every lease's remaining time to at least `grace_ms`.
@@ -106,10 +118,16 @@ impl Sm {
 
     /// End a lease: drop its waits first (so no hand-off can pick it), then its keys, then
     /// release its locks, handing each to the next waiter with token `index`.
-    pub(super) fn end_lease(&mut self, index: u64, lease_id: u64) {
+    pub(super) fn end_lease(&mut self, index: u64, lease_id: u64, reason: &str) {
         let Some(lease) = self.leases.remove(&lease_id) else {
             return;
         };
+        self.emit(
+            "lease",
+            &lease_id.to_string(),
+            reason,
+            json!({"lease_id": lease_id}),
+        );
         self.lease_expiry.remove(&(lease.deadline_ms, lease_id));
         for name in &lease.waiting {
             self.unqueue(name, lease_id);
@@ -117,6 +135,12 @@ impl Sm {
         for key in &lease.keys {
             if self.kv.get(key).and_then(|e| e.lease_id) == Some(lease_id) {
                 self.kv.remove(key);
+                self.emit(
+                    "kv",
+                    key,
+                    "delete",
+                    json!({"lease_id": lease_id, "reason": reason}),
+                );
             }
         }
         for name in &lease.locks {
@@ -133,6 +157,7 @@ impl Sm {
             if let Some(s) = self.semaphores.get_mut(name) {
                 s.holders.remove(&lease_id);
             }
+            self.emit("semaphore", name, "released", json!({"lease_id": lease_id}));
             self.sem_hand_off(index, name);
         }
         // A departed waiter may have been the head that did not fit.

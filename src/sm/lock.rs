@@ -302,6 +302,12 @@ impl Sm {
     /// Remove a waiter whose deadline passed; the ones behind it may fit now.
     pub(super) fn remove_waiter(&mut self, index: u64, name: &str, lease_id: u64) {
         self.unqueue(name, lease_id);
+        self.emit(
+            "lock",
+            name,
+            "wait_expired",
+            serde_json::json!({"lease_id": lease_id}),
+        );
         if let Some(l) = self.leases.get_mut(&lease_id) {
             l.waiting.remove(name);
         }

@@ -143,7 +143,7 @@ impl Sm {
             Command::LeaseKeepAlive { lease_id } => self.lease_keepalive(now, *lease_id),
             Command::LeaseRevoke { lease_id } => match self.leases.contains_key(lease_id) {
                 true => {
-                    self.end_lease(index, *lease_id);
+                    self.end_lease(index, *lease_id, "revoked");
                     Response::LeaseRevoked {
                         lease_id: *lease_id,
                     }
@@ -223,7 +223,7 @@ impl Sm {
                     self.timer_fired(index, &t);
                 }
             } else if let Some(&(_, lease_id)) = self.lease_expiry.first() {
-                self.end_lease(index, lease_id);
+                self.end_lease(index, lease_id, "expired");
             }
         }
     }

@@ -96,6 +96,12 @@ impl Sm {
                 format!("semaphore {name} exists with capacity {}", s.capacity),
             ),
             None => {
+                self.emit(
+                    "semaphore",
+                    name,
+                    "created",
+                    serde_json::json!({"capacity": capacity}),
+                );
                 self.semaphores.insert(
                     name.to_string(),
                     Semaphore {
@@ -193,6 +199,12 @@ impl Sm {
                 },
             );
             lease.sems.insert(name.to_string());
+            self.emit(
+                "semaphore",
+                name,
+                "granted",
+                serde_json::json!({"lease_id": lease_id, "permits": permits, "token": index}),
+            );
             return Response::SemGranted { token: index };
         }
         if wait_ms == 0 {
@@ -241,6 +253,12 @@ impl Sm {
             );
         }
         self.sem_drop_holder(name, lease_id);
+        self.emit(
+            "semaphore",
+            name,
+            "released",
+            serde_json::json!({"lease_id": lease_id}),
+        );
         let granted = self.sem_hand_off(index, name);
         Response::SemReleased { granted }
     }
@@ -297,6 +315,19 @@ impl Sm {
                 },
             );
             granted.push(w.lease_id);
+        }
+        let holders = self.semaphores.get(name).map(|s| s.holders.clone());
+        for id in &granted {
+            let permits = holders
+                .as_ref()
+                .and_then(|h| h.get(id))
+                .map_or(0, |h| h.permits);
+            self.emit(
+                "semaphore",
+                name,
+                "granted",
+                serde_json::json!({"lease_id": id, "permits": permits, "token": index}),
+            );
         }
         granted
     }

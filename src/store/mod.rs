@@ -21,6 +21,8 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 
+pub mod watch;
+
 pub use log_store::{FsyncStats, LogStore};
 pub use state_machine::{SmShared, SmState, StateMachineStore};
 

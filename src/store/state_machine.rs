@@ -2,7 +2,7 @@
 //! answers the waiting client, and persists snapshots.
 
 use std::io::{self, Cursor};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use futures::{Stream, StreamExt};
 use openraft::alias::SnapshotOf;
@@ -13,6 +13,7 @@ use rocksdb::{WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::watch::{WatchLog, DEFAULT_WATCH_HISTORY};
 use super::{invalid_data, io_err, CF_SNAPSHOT};
 use crate::sm::Sm;
 use crate::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
@@ -28,8 +29,10 @@ pub struct SmState {
 /// The state shared between the Raft apply task and the API's readers.
 pub struct SmShared {
     state: RwLock<SmState>,
-    /// Last applied index; waiters (blocking acquires) wake on every change.
+    /// Last applied index; waiters (blocking acquires, watches) wake on every change.
     applied: watch::Sender<u64>,
+    /// Change events of the applied entries, for `/v1/watch`.
+    history: Mutex<WatchLog>,
 }
 
 impl SmShared {
@@ -41,9 +44,16 @@ impl SmShared {
         self.applied.subscribe()
     }
 
+    pub fn history(&self) -> MutexGuard<'_, WatchLog> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn replace(&self, st: SmState) {
         let index = st.last_applied.as_ref().map_or(0, |l| l.index());
-        *self.state.write().unwrap_or_else(|e| e.into_inner()) = st;
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        *state = st;
+        self.history().reset(index);
+        drop(state);
         self.applied.send_replace(index);
     }
 }
@@ -61,6 +71,7 @@ impl StateMachineStore {
             shared: Arc::new(SmShared {
                 state: RwLock::new(SmState::default()),
                 applied: tx,
+                history: Mutex::new(WatchLog::new(DEFAULT_WATCH_HISTORY)),
             }),
             db,
         };
@@ -169,6 +180,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     }
                 };
                 st.last_applied = Some(log_id);
+                // Under the state lock, so the history is in apply order and complete before
+                // the applied index moves.
+                let events = st.sm.take_events();
+                self.shared.history().push(index, events);
                 response
             };
             last = Some(index);
