@@ -175,7 +175,8 @@ impl Client {
         Some(format!("http://{}", m["addr"].as_str()?))
     }
 
-    async fn get(&self, path: &str) -> Result<Value, ClientError> {
+    /// A GET with retries (linearizable unless the path asks otherwise).
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
         self.call(Method::GET, path, None, Duration::from_secs(10))
             .await
     }
@@ -316,6 +317,32 @@ impl Client {
             )
             .await?;
         Ok(v["token"].as_u64().unwrap_or(0))
+    }
+
+    /// Release `lock` (held exclusively) and wait on condition `name`; returns the response
+    /// once the lock is held again (`token` is the new token).
+    pub async fn cond_wait(
+        &self,
+        name: &str,
+        lease_id: u64,
+        lock: &str,
+        wait_ms: u64,
+    ) -> Result<Value, ClientError> {
+        let path = format!("/v1/conditions/{}/wait", encode_segment(name));
+        let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(15);
+        let body = json!({"lease_id": lease_id, "lock": lock, "wait_ms": wait_ms});
+        self.mutate(Method::POST, &path, body, timeout).await
+    }
+
+    pub async fn cond_notify(&self, name: &str, all: bool) -> Result<Value, ClientError> {
+        let path = format!("/v1/conditions/{}/notify", encode_segment(name));
+        self.mutate(
+            Method::POST,
+            &path,
+            json!({"all": all}),
+            Duration::from_secs(10),
+        )
+        .await
     }
 
     /// Open a watch stream (`/v1/watch?QUERY`) on endpoint `i` (no failover: a caller that

@@ -51,6 +51,26 @@ enum Cmd {
     /// Counting semaphores with a fair, priority-aware queue.
     #[command(subcommand)]
     Sem(SemCmd),
+    /// Condition variables over exclusive locks.
+    #[command(subcommand)]
+    Cond(CondCmd),
+    /// Stream changes (Server-Sent Events from /v1/watch), one JSON line each; reconnects to
+    /// the next endpoint from the next revision when a node goes away.
+    Watch {
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Comma-separated event types (kv, lock, semaphore, lease, ...).
+        #[arg(long)]
+        types: Option<String>,
+        #[arg(long)]
+        from_revision: Option<u64>,
+    },
+    /// What is contended now: resources with waiters, the wait-for graph, recent deadlocks.
+    Conflicts {
+        /// Print the wait-for graph in Graphviz dot format.
+        #[arg(long)]
+        dot: bool,
+    },
     /// Start a cluster of real processes, drive it, inject faults, and check the history.
     Chaos(concord::chaos::runner::ChaosArgs),
 }
@@ -155,6 +175,9 @@ enum LockCmd {
         lease: u64,
         #[arg(long, default_value_t = 0)]
         wait_ms: u64,
+        /// exclusive (one writer) or shared (many readers).
+        #[arg(long, default_value = "exclusive")]
+        mode: String,
     },
     Release {
         name: String,
@@ -174,6 +197,30 @@ enum LockCmd {
         wait_ms: u64,
         #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CondCmd {
+    /// Release LOCK (held exclusively by the lease) and wait on condition NAME; prints the new
+    /// token once notified and holding the lock again.
+    Wait {
+        name: String,
+        #[arg(long)]
+        lease: u64,
+        #[arg(long)]
+        lock: String,
+        #[arg(long, default_value_t = 60_000)]
+        wait_ms: u64,
+    },
+    /// Wake the first waiter (or all with --all).
+    Notify {
+        name: String,
+        #[arg(long)]
+        all: bool,
+    },
+    Status {
+        name: String,
     },
 }
 
@@ -378,15 +425,72 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     out(v, human);
                 }
             },
+            Cmd::Cond(c) => match c {
+                CondCmd::Wait {
+                    name,
+                    lease,
+                    lock,
+                    wait_ms,
+                } => {
+                    let v = client.cond_wait(&name, lease, &lock, wait_ms).await?;
+                    let human = v["token"].to_string();
+                    out(v, human);
+                }
+                CondCmd::Notify { name, all } => {
+                    let v = client.cond_notify(&name, all).await?;
+                    let human = format!("woke {}", v["woken"]);
+                    out(v, human);
+                }
+                CondCmd::Status { name } => {
+                    let v = client
+                        .get(&format!("/v1/conditions/{}", concord::client::encode_segment(&name)))
+                        .await?;
+                    let human = format!("{name}: {} waiting", v["waiters"].as_array().map_or(0, |w| w.len()));
+                    out(v, human);
+                }
+            },
+            Cmd::Watch {
+                prefix,
+                types,
+                from_revision,
+            } => watch(&client, &prefix, types.as_deref(), from_revision).await?,
+            Cmd::Conflicts { dot } => {
+                let v = client.get("/v1/conflicts").await?;
+                if dot {
+                    println!("{}", conflicts_dot(&v));
+                } else {
+                    let mut human = String::new();
+                    for r in v["resources"].as_array().into_iter().flatten() {
+                        human += &format!(
+                            "{}: {} holding, {} waiting, longest wait {} ms\n",
+                            r["resource"].as_str().unwrap_or(""),
+                            r["holders"].as_array().map_or(0, |h| h.len()),
+                            r["waiters"].as_array().map_or(0, |w| w.len()),
+                            r["longest_wait_ms"]
+                        );
+                    }
+                    for d in v["deadlocks"].as_array().into_iter().flatten() {
+                        human += &format!(
+                            "deadlock refused at index {}: lease {} on {}\n",
+                            d["index"], d["victim"], d["resource"].as_str().unwrap_or("")
+                        );
+                    }
+                    if human.is_empty() {
+                        human = "nothing is contended".into();
+                    }
+                    out(v, human.trim_end().to_string());
+                }
+            }
             Cmd::Lock(c) => match c {
                 LockCmd::Acquire {
                     name,
                     lease,
                     wait_ms,
+                    mode,
                 } => {
-                    let token = client.lock_acquire(&name, lease, wait_ms).await?;
+                    let token = client.lock_acquire_mode(&name, lease, wait_ms, &mode).await?;
                     out(
-                        json!({"lock": name, "lease_id": lease, "token": token}),
+                        json!({"lock": name, "lease_id": lease, "mode": mode, "token": token}),
                         token.to_string(),
                     );
                 }
@@ -396,14 +500,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 LockCmd::Status { name } => {
                     let v = client.lock_status(&name).await?;
-                    let human = match v["holder"].is_null() {
-                        true => format!("{name} is free"),
-                        false => format!(
-                            "{name} held by lease {} with token {}; {} waiting",
-                            v["holder"]["lease_id"],
-                            v["holder"]["token"],
-                            v["queue"].as_array().map_or(0, |q| q.len())
+                    let waiting = v["queue"].as_array().map_or(0, |q| q.len());
+                    let human = match (v["holder"].is_null(), v["shared_holders"].as_array()) {
+                        (false, _) => format!(
+                            "{name} held by lease {} with token {}; {waiting} waiting",
+                            v["holder"]["lease_id"], v["holder"]["token"],
                         ),
+                        (true, Some(s)) if !s.is_empty() => format!(
+                            "{name} held shared by {} leases; {waiting} waiting",
+                            s.len()
+                        ),
+                        _ => format!("{name} is free"),
                     };
                     out(v, human);
                 }
@@ -518,4 +625,79 @@ async fn lock_run(
             }
         }
     }
+}
+
+/// Follow `/v1/watch`, printing each change as a JSON line; on a broken stream, resume from
+/// the next revision on the next endpoint.
+async fn watch(
+    client: &Client,
+    prefix: &str,
+    types: Option<&str>,
+    from: Option<u64>,
+) -> Result<(), ClientError> {
+    let mut next = from;
+    let mut endpoint = 0;
+    let mut failures = 0;
+    loop {
+        let mut q = format!("prefix={}", concord::client::encode_segment(prefix));
+        if let Some(t) = types {
+            q += &format!("&types={t}");
+        }
+        if let Some(r) = next {
+            q += &format!("&from_revision={r}");
+        }
+        match client.watch(endpoint, &q).await {
+            Ok(mut w) => loop {
+                match w.next().await {
+                    Ok(Some(ev)) if ev.event == "change" => {
+                        failures = 0;
+                        next = ev.data["revision"].as_u64().map(|r| r + 1).or(next);
+                        println!("{}", ev.data);
+                    }
+                    Ok(Some(ev)) if ev.event == "progress" => {
+                        let r = ev.data["revision"].as_u64();
+                        next = r.map(|r| r + 1).max(next);
+                    }
+                    Ok(Some(ev)) if ev.event == "compacted" => {
+                        return Err(ClientError::Api {
+                            status: 410,
+                            code: "compacted".into(),
+                            message: format!(
+                                "history before {} is gone",
+                                ev.data["oldest_revision"]
+                            ),
+                            body: ev.data,
+                        });
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            },
+            Err(e @ ClientError::Api { .. }) => return Err(e),
+            Err(_) => {}
+        }
+        failures += 1;
+        if failures > 3 * client.endpoint_count() {
+            return Err(ClientError::Unavailable(
+                "no endpoint serves the watch".into(),
+            ));
+        }
+        endpoint += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// The wait-for graph of `/v1/conflicts` in Graphviz dot format.
+fn conflicts_dot(v: &Value) -> String {
+    let mut s = String::from("digraph wait_for {\n  rankdir=LR;\n");
+    for e in v["wait_for"].as_array().into_iter().flatten() {
+        s += &format!(
+            "  \"lease {}\" -> \"lease {}\" [label=\"{}\"];\n",
+            e["lease_id"],
+            e["waits_for"],
+            e["resource"].as_str().unwrap_or("").replace('"', "\\\"")
+        );
+    }
+    s += "}";
+    s
 }

@@ -664,6 +664,8 @@ pub(super) enum WaitState {
     Queued(u64),
     /// Neither granted nor queued: the wait deadline passed or the lease ended.
     Gone,
+    /// The state machine refused the wait (e.g. a deadlock found on a later step).
+    Refused(ApiError),
 }
 
 /// Wait for the replicated outcome of a queued acquire. The state machine decides (grant,
@@ -696,6 +698,7 @@ pub(super) async fn wait_for_grant(
                         format!("lease {lease_id} ended while waiting for {what}"),
                     ))
                 }
+                WaitState::Refused(e) => return Err(e),
                 WaitState::Gone => {
                     return Err(ApiError::new(
                         ErrorCode::Timeout,

@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+pub use condition::{CondWaiter, Condition};
 pub use deadlock::{DeadlockRecord, WaitEdge, RECENT_DEADLOCKS};
 pub use events::{Event, EventBuf};
 pub use kv::KvEntry;
@@ -87,6 +88,8 @@ pub struct Sm {
     /// Recently refused deadlocks, oldest first (at most `RECENT_DEADLOCKS`).
     #[serde(default)]
     pub deadlocks: VecDeque<DeadlockRecord>,
+    #[serde(default)]
+    pub conditions: BTreeMap<String, Condition>,
     /// Changes made by the entries applied since the storage layer last drained them.
     #[serde(skip)]
     events: EventBuf,
@@ -183,6 +186,13 @@ impl Sm {
                 priority,
             } => self.sem_acquire(index, now, name, *lease_id, *permits, *wait_ms, *priority),
             Command::SemRelease { name, lease_id } => self.sem_release(index, name, *lease_id),
+            Command::CondWait {
+                name,
+                lease_id,
+                lock,
+                wait_ms,
+            } => self.cond_wait(index, now, name, *lease_id, lock, *wait_ms),
+            Command::CondNotify { name, all } => self.cond_notify(index, name, *all),
             Command::RetireNode { node_id } => {
                 self.retired_nodes.insert(*node_id);
                 Response::Done
@@ -395,6 +405,8 @@ fn lease_not_found(lease_id: u64) -> Response {
     )
 }
 
+#[cfg(test)]
+mod condition_tests;
 #[cfg(test)]
 mod harness;
 #[cfg(test)]

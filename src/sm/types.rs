@@ -90,6 +90,19 @@ pub enum Command {
         name: String,
         lease_id: u64,
     },
+    /// Release `lock` (held exclusively) and park on condition `name` until notified, then
+    /// queue for the lock again; `wait_ms` bounds the whole wait.
+    CondWait {
+        name: String,
+        lease_id: u64,
+        lock: String,
+        wait_ms: u64,
+    },
+    /// Wake the first parked lease, or all of them.
+    CondNotify {
+        name: String,
+        all: bool,
+    },
 }
 
 impl Command {
@@ -108,6 +121,8 @@ impl Command {
             Command::SemCreate { .. } => "sem_create",
             Command::SemAcquire { .. } => "sem_acquire",
             Command::SemRelease { .. } => "sem_release",
+            Command::CondWait { .. } => "cond_wait",
+            Command::CondNotify { .. } => "cond_notify",
         }
     }
 }
@@ -231,6 +246,16 @@ pub enum Response {
         granted: Vec<u64>,
     },
     Rejected(Rejection),
+    /// Parked on the condition; `released_token` is the token of the hold given up (0 when a
+    /// retried wait resumed the parked one).
+    CondWaiting {
+        deadline_ms: u64,
+        released_token: u64,
+    },
+    CondNotified {
+        /// Leases moved back to their locks, in order.
+        woken: Vec<u64>,
+    },
 }
 
 impl Response {
