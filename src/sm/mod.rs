@@ -12,6 +12,7 @@
 
 mod barrier;
 mod condition;
+mod double_barrier;
 mod election;
 mod events;
 mod kv;
@@ -26,6 +27,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+pub use barrier::{Barrier, BarrierPass, BarrierRelease, BarrierWaiter, MAX_PARTIES};
+pub use double_barrier::{DoubleBarrier, DoubleBarrierMember, DoubleBarrierPass};
 pub use events::{Event, EventBuf};
 pub use kv::KvEntry;
 pub use lease::{Lease, MAX_TTL_MS, MIN_TTL_MS};
@@ -80,6 +83,10 @@ pub struct Sm {
     /// Wait deadlines of barriers, elections, queues and conditions (see `parts.rs`).
     #[serde(default)]
     timers: BTreeSet<(u64, Timer)>,
+    #[serde(default)]
+    pub barriers: BTreeMap<String, Barrier>,
+    #[serde(default)]
+    pub double_barriers: BTreeMap<String, DoubleBarrier>,
     /// Changes made by the entries applied since the storage layer last drained them.
     #[serde(skip)]
     events: EventBuf,
@@ -175,6 +182,34 @@ impl Sm {
                 priority,
             } => self.sem_acquire(index, now, name, *lease_id, *permits, *wait_ms, *priority),
             Command::SemRelease { name, lease_id } => self.sem_release(index, name, *lease_id),
+            Command::BarrierWait {
+                name,
+                lease_id,
+                parties,
+                wait_ms,
+                generation,
+            } => self.barrier_wait(index, now, name, *lease_id, *parties, *wait_ms, *generation),
+            Command::DoubleBarrierEnter {
+                name,
+                lease_id,
+                parties,
+                wait_ms,
+                generation,
+            } => self.double_barrier_enter(
+                index,
+                now,
+                name,
+                *lease_id,
+                *parties,
+                *wait_ms,
+                *generation,
+            ),
+            Command::DoubleBarrierLeave {
+                name,
+                lease_id,
+                parties,
+                wait_ms,
+            } => self.double_barrier_leave(index, now, name, *lease_id, *parties, *wait_ms),
             Command::RetireNode { node_id } => {
                 self.retired_nodes.insert(*node_id);
                 Response::Done
@@ -356,6 +391,8 @@ fn lease_not_found(lease_id: u64) -> Response {
     )
 }
 
+#[cfg(test)]
+mod barrier_tests;
 #[cfg(test)]
 mod harness;
 #[cfg(test)]

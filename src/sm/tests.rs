@@ -2084,6 +2084,10 @@ fn expected_rejection(cmd: &Command, sm: &Sm) -> Option<Rejection> {
         Command::Tick | Command::RetireNode { .. } => None,
         // Semaphores have their own model in `semaphore_tests.rs`.
         Command::SemCreate { .. } | Command::SemAcquire { .. } | Command::SemRelease { .. } => None,
+        // Barriers have their own model in `barrier_tests.rs`.
+        Command::BarrierWait { .. }
+        | Command::DoubleBarrierEnter { .. }
+        | Command::DoubleBarrierLeave { .. } => None,
         Command::LeaseGrant { ttl_ms, .. } if !(MIN_TTL_MS..=MAX_TTL_MS).contains(ttl_ms) => {
             reject(ErrorCode::InvalidArgument)
         }
