@@ -13,7 +13,8 @@
 //!
 //! A blocked HTTP call learns its outcome from the replicated state, not from a message: each
 //! live lease keeps a record of the last generation it passed (`passed`, dropped when the lease
-//! ends), so the call that joined generation `g` sees "passed `g`" however late it looks.
+//! ends), so the call that joined generation `g` sees "passed `g`" however late it looks, as long
+//! as the lease has not passed a later generation since (only the last pass is kept).
 //!
 //! Invariants: `parties` is 0 exactly when nobody waits, else 1..=`MAX_PARTIES`; fewer than
 //! `parties` leases wait (the last arrival releases in the same step); every waiting or passed
@@ -141,6 +142,14 @@ impl Sm {
                         parties: p.parties,
                         token: p.token,
                     },
+                    // Only the last pass of a lease is kept.
+                    Some(p) if p.generation > g => Response::reject(
+                        ErrorCode::Conflict,
+                        format!(
+                            "lease {lease_id} has passed generation {} of barrier {name} since; the outcome of generation {g} is no longer kept",
+                            p.generation
+                        ),
+                    ),
                     _ => Response::reject(
                         ErrorCode::Conflict,
                         format!(

@@ -132,6 +132,13 @@ impl Sm {
                         parties: p.parties,
                         token: p.enter_token,
                     },
+                    Some(p) if p.generation > g => Response::reject(
+                        ErrorCode::Conflict,
+                        format!(
+                            "lease {lease_id} has passed generation {} of double barrier {name} since; the outcome of generation {g} is no longer kept",
+                            p.generation
+                        ),
+                    ),
                     _ => Response::reject(
                         ErrorCode::Conflict,
                         format!(
