@@ -631,6 +631,25 @@ fn naming_a_generation_that_is_over_answers_whether_the_lease_passed_it() {
             parties: 2
         }
     );
+    // a passes generation 2 as well: only its last pass is kept, so generation 1 is no longer
+    // answered (a conflict, nothing changes) while generation 2 is.
+    let r = wait(&mut h, 80, "b", a, 2, 1_000);
+    let token2 = h.index;
+    assert!(matches!(r, Response::BarrierReleased { generation: 2, .. }));
+    let before = h.sm.clone();
+    h.sm.take_events();
+    let r = wait_gen(&mut h, 90, "b", a, 2, 1_000, Some(1));
+    assert_eq!(code(&r), ErrorCode::Conflict);
+    let r = wait_gen(&mut h, 90, "b", a, 2, 1_000, Some(2));
+    assert_eq!(
+        r,
+        Response::BarrierReleased {
+            generation: 2,
+            parties: 2,
+            token: token2
+        }
+    );
+    assert_unchanged(&before, &mut h.sm);
 }
 
 #[test]
