@@ -435,6 +435,63 @@ impl Client {
             .await
     }
 
+    /// Wait at barrier `name` until `parties` leases have arrived in its open generation (or
+    /// in `generation`, if given). Answers `{barrier, generation, parties, lease_id, token}`.
+    pub async fn barrier_wait(
+        &self,
+        name: &str,
+        lease_id: u64,
+        parties: u64,
+        wait_ms: u64,
+        generation: Option<u64>,
+    ) -> Result<Value, ClientError> {
+        let path = format!("/v1/barriers/{}/wait", encode_segment(name));
+        let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(15);
+        let body = json!({"lease_id": lease_id, "parties": parties, "wait_ms": wait_ms,
+            "generation": generation});
+        self.mutate(Method::POST, &path, body, timeout).await
+    }
+
+    pub async fn barrier_status(&self, name: &str) -> Result<Value, ClientError> {
+        self.get(&format!("/v1/barriers/{}", encode_segment(name)))
+            .await
+    }
+
+    /// Enter double barrier `name`; returns once `parties` leases have entered together.
+    pub async fn double_barrier_enter(
+        &self,
+        name: &str,
+        lease_id: u64,
+        parties: u64,
+        wait_ms: u64,
+        generation: Option<u64>,
+    ) -> Result<Value, ClientError> {
+        let path = format!("/v1/double-barriers/{}/enter", encode_segment(name));
+        let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(15);
+        let body = json!({"lease_id": lease_id, "parties": parties, "wait_ms": wait_ms,
+            "generation": generation});
+        self.mutate(Method::POST, &path, body, timeout).await
+    }
+
+    /// Leave double barrier `name`; returns once everyone who entered with this lease has left.
+    pub async fn double_barrier_leave(
+        &self,
+        name: &str,
+        lease_id: u64,
+        parties: Option<u64>,
+        wait_ms: u64,
+    ) -> Result<Value, ClientError> {
+        let path = format!("/v1/double-barriers/{}/leave", encode_segment(name));
+        let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(15);
+        let body = json!({"lease_id": lease_id, "parties": parties, "wait_ms": wait_ms});
+        self.mutate(Method::POST, &path, body, timeout).await
+    }
+
+    pub async fn double_barrier_status(&self, name: &str) -> Result<Value, ClientError> {
+        self.get(&format!("/v1/double-barriers/{}", encode_segment(name)))
+            .await
+    }
+
     pub async fn fence_check(&self, lock: &str, token: u64) -> Result<Value, ClientError> {
         let body = json!({"lock": lock, "token": token});
         self.call(

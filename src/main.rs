@@ -71,6 +71,10 @@ enum Cmd {
         #[arg(long)]
         dot: bool,
     },
+    /// Barriers (wait until N arrive, by generation) and double barriers (enter and leave
+    /// together).
+    #[command(subcommand)]
+    Barrier(BarrierCmd),
     /// Start a cluster of real processes, drive it, inject faults, and check the history.
     Chaos(concord::chaos::runner::ChaosArgs),
 }
@@ -164,6 +168,52 @@ enum SemCmd {
     },
     Status {
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BarrierCmd {
+    /// Wait at barrier NAME until PARTIES leases have arrived; prints the generation passed.
+    Wait {
+        name: String,
+        #[arg(long)]
+        lease: u64,
+        #[arg(long)]
+        parties: u64,
+        #[arg(long, default_value_t = 60_000)]
+        wait_ms: u64,
+        /// The generation to pass (to resume a wait whose answer was lost).
+        #[arg(long)]
+        generation: Option<u64>,
+    },
+    /// Generation, parties and arrived leases of barrier NAME (of double barrier NAME with
+    /// --double).
+    Status {
+        name: String,
+        #[arg(long)]
+        double: bool,
+    },
+    /// Enter double barrier NAME: returns once PARTIES leases have entered together.
+    Enter {
+        name: String,
+        #[arg(long)]
+        lease: u64,
+        #[arg(long)]
+        parties: u64,
+        #[arg(long, default_value_t = 60_000)]
+        wait_ms: u64,
+        #[arg(long)]
+        generation: Option<u64>,
+    },
+    /// Leave double barrier NAME: returns once everyone who entered has left.
+    Leave {
+        name: String,
+        #[arg(long)]
+        lease: u64,
+        #[arg(long)]
+        parties: Option<u64>,
+        #[arg(long, default_value_t = 60_000)]
+        wait_ms: u64,
     },
 }
 
@@ -481,6 +531,37 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     out(v, human.trim_end().to_string());
                 }
             }
+            Cmd::Barrier(c) => match c {
+                BarrierCmd::Wait { name, lease, parties, wait_ms, generation } => {
+                    let v = client.barrier_wait(&name, lease, parties, wait_ms, generation).await?;
+                    let human = format!("{name}: passed generation {} (token {})", v["generation"], v["token"]);
+                    out(v, human);
+                }
+                BarrierCmd::Status { name, double: false } => {
+                    let v = client.barrier_status(&name).await?;
+                    let human = format!("{name}: generation {}, {} of {} parties arrived",
+                        v["generation"], v["arrived"].as_array().map_or(0, |a| a.len()), v["parties"]);
+                    out(v, human);
+                }
+                BarrierCmd::Status { name, double: true } => {
+                    let v = client.double_barrier_status(&name).await?;
+                    let human = format!("{name}: generation {}, {}; {} entering, {} inside ({} not leaving)",
+                        v["generation"], v["phase"].as_str().unwrap_or(""),
+                        v["entering"].as_array().map_or(0, |a| a.len()),
+                        v["inside"].as_array().map_or(0, |a| a.len()), v["remaining"]);
+                    out(v, human);
+                }
+                BarrierCmd::Enter { name, lease, parties, wait_ms, generation } => {
+                    let v = client.double_barrier_enter(&name, lease, parties, wait_ms, generation).await?;
+                    let human = format!("{name}: entered generation {} (token {})", v["generation"], v["token"]);
+                    out(v, human);
+                }
+                BarrierCmd::Leave { name, lease, parties, wait_ms } => {
+                    let v = client.double_barrier_leave(&name, lease, parties, wait_ms).await?;
+                    let human = format!("{name}: everyone left generation {} (token {})", v["generation"], v["token"]);
+                    out(v, human);
+                }
+            },
             Cmd::Lock(c) => match c {
                 LockCmd::Acquire {
                     name,

@@ -5,6 +5,7 @@
 //! leader otherwise (hop-limited), or answers 307 with `?redirect=true`. Every response carries
 //! `X-Concord-Leader` and `X-Concord-Index`.
 
+mod barriers;
 mod conditions;
 pub mod error;
 mod extract;
@@ -33,6 +34,7 @@ pub fn router(node: Arc<Node>) -> Router {
     let leader_routes = v1::leader_routes()
         .merge(semaphores::routes())
         .merge(conditions::routes())
+        .merge(barriers::routes())
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
             node.clone(),

@@ -11,12 +11,15 @@
 //!   for holders it can do without, so a cycle that needs several holders blocked at once
 //!   resolves through `wait_ms`, not here.
 //!
-//! The graph only gains edges when a request queues (a hand-off turns "queued ahead" into
-//! "holds", the same edge; a new semaphore waiter sorted ahead of others gains edges into it),
-//! so every new cycle passes through the waiter being queued. The state machine checks that one
-//! waiter right after queueing it and, if it closes a cycle, undoes the queueing and fails the
-//! request with `deadlock` and the cycle. So no cycle ever survives an apply
-//! (`check_no_cycles` checks that in tests).
+//! The graph only gains edges when a request queues (a new semaphore waiter sorted ahead of
+//! others also gains edges into it) or when a request is granted at once while others wait (a
+//! semaphore request with a priority head start that fits: the waiters it passes may now wait
+//! for it). A hand-off turns "queued ahead" into "holds", the same edge, and a lock is granted
+//! at once only when nobody waits. So every new cycle passes through the lease of the request
+//! being applied: the state machine checks that one lease right after queueing or granting
+//! and, if it closes a cycle, undoes the step and fails the request with `deadlock` and the
+//! cycle. So no cycle ever survives an apply (`check_no_cycles` checks that in tests; the
+//! random tests found the priority-grant case).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 

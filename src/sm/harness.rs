@@ -87,9 +87,9 @@ impl Harness {
 }
 
 /// A `deadlock` refusal is right: the cycle starts and ends at `victim`, its edges chain, every
-/// edge but the first (the refused wait's) is in `twin`'s wait-for graph, the first names a
-/// lease that holds or waits on the resource, and `post` is `twin` (the state after only this
-/// entry's expiry) plus the recorded deadlock.
+/// edge not touching the victim is in `twin`'s wait-for graph, the new ones name leases that
+/// hold or wait on the resource, and `post` is `twin` (the state after only this entry's
+/// expiry) plus the recorded deadlock.
 pub(super) fn check_deadlock_refusal(
     twin: &Sm,
     post: &Sm,
@@ -106,25 +106,31 @@ pub(super) fn check_deadlock_refusal(
     if c.windows(2).any(|w| w[0].waits_for != w[1].lease_id) {
         return Err(format!("cycle edges do not chain: {c:?}"));
     }
+    // Edges not touching the victim were there before; the refused step could only add edges
+    // out of the victim (it would have queued) or into it (it would have been granted ahead of
+    // waiters): their other end must hold or wait on the resource.
     let graph = twin.wait_graph();
-    if let Some(e) = c[1..].iter().find(|e| !graph.contains(e)) {
-        return Err(format!("edge {e:?} is not in the wait-for graph {graph:?}"));
-    }
-    let target = c[0].waits_for;
-    let involved = match c[0].resource.split_once(':') {
-        Some(("lock", n)) => twin.locks.get(n).is_some_and(|l| {
-            l.hold_of(target).is_some() || l.queue.iter().any(|w| w.lease_id == target)
-        }),
-        Some(("semaphore", n)) => twin.semaphores.get(n).is_some_and(|s| {
-            s.holders.contains_key(&target) || s.queue.iter().any(|w| w.lease_id == target)
-        }),
-        _ => false,
-    };
-    if !involved {
-        return Err(format!(
-            "{target} neither holds nor waits on {}",
-            c[0].resource
-        ));
+    for e in c {
+        if graph.contains(e) {
+            continue;
+        }
+        let other = match (e.lease_id == victim, e.waits_for == victim) {
+            (true, _) => e.waits_for,
+            (false, true) => e.lease_id,
+            _ => return Err(format!("edge {e:?} is not in the wait-for graph {graph:?}")),
+        };
+        let involved = match e.resource.split_once(':') {
+            Some(("lock", n)) => twin.locks.get(n).is_some_and(|l| {
+                l.hold_of(other).is_some() || l.queue.iter().any(|w| w.lease_id == other)
+            }),
+            Some(("semaphore", n)) => twin.semaphores.get(n).is_some_and(|s| {
+                s.holders.contains_key(&other) || s.queue.iter().any(|w| w.lease_id == other)
+            }),
+            _ => false,
+        };
+        if !involved {
+            return Err(format!("{other} neither holds nor waits on {}", e.resource));
+        }
     }
     match post.deadlocks.back() {
         Some(d) if d.victim == victim && &d.cycle == c => {}

@@ -15,6 +15,7 @@
 mod barrier;
 mod condition;
 mod deadlock;
+mod double_barrier;
 mod election;
 mod events;
 mod kv;
@@ -29,8 +30,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+pub use barrier::{Barrier, BarrierPass, BarrierRelease, BarrierWaiter, MAX_PARTIES};
 pub use condition::{CondWaiter, Condition};
 pub use deadlock::{DeadlockRecord, WaitEdge, RECENT_DEADLOCKS};
+pub use double_barrier::{DoubleBarrier, DoubleBarrierMember, DoubleBarrierPass};
 pub use events::{Event, EventBuf};
 pub use kv::KvEntry;
 pub use lease::{Lease, MAX_TTL_MS, MIN_TTL_MS};
@@ -90,6 +93,10 @@ pub struct Sm {
     pub deadlocks: VecDeque<DeadlockRecord>,
     #[serde(default)]
     pub conditions: BTreeMap<String, Condition>,
+    #[serde(default)]
+    pub barriers: BTreeMap<String, Barrier>,
+    #[serde(default)]
+    pub double_barriers: BTreeMap<String, DoubleBarrier>,
     /// Changes made by the entries applied since the storage layer last drained them.
     #[serde(skip)]
     events: EventBuf,
@@ -193,6 +200,34 @@ impl Sm {
                 wait_ms,
             } => self.cond_wait(index, now, name, *lease_id, lock, *wait_ms),
             Command::CondNotify { name, all } => self.cond_notify(index, name, *all),
+            Command::BarrierWait {
+                name,
+                lease_id,
+                parties,
+                wait_ms,
+                generation,
+            } => self.barrier_wait(index, now, name, *lease_id, *parties, *wait_ms, *generation),
+            Command::DoubleBarrierEnter {
+                name,
+                lease_id,
+                parties,
+                wait_ms,
+                generation,
+            } => self.double_barrier_enter(
+                index,
+                now,
+                name,
+                *lease_id,
+                *parties,
+                *wait_ms,
+                *generation,
+            ),
+            Command::DoubleBarrierLeave {
+                name,
+                lease_id,
+                parties,
+                wait_ms,
+            } => self.double_barrier_leave(index, now, name, *lease_id, *parties, *wait_ms),
             Command::RetireNode { node_id } => {
                 self.retired_nodes.insert(*node_id);
                 Response::Done
@@ -405,6 +440,7 @@ fn lease_not_found(lease_id: u64) -> Response {
     )
 }
 
+mod barrier_tests;
 #[cfg(test)]
 mod condition_tests;
 #[cfg(test)]

@@ -374,3 +374,43 @@ proptest! {
         h.assert_round_trip();
     }
 }
+
+#[test]
+fn a_priority_grant_ahead_of_waiters_that_would_close_a_cycle_is_refused() {
+    let mut h = Harness::new();
+    let a = h.grant(0, 60_000);
+    let b = h.grant(0, 60_000);
+    let c = h.grant(0, 60_000);
+    h.apply(
+        0,
+        Command::SemCreate {
+            name: "s".into(),
+            capacity: 2,
+        },
+    );
+    acquire(&mut h, 1, "x", a, 0, X);
+    sem_acquire(&mut h, 1, "s", c, 1);
+    // a waits for 2 permits (needs c's), b waits for a's lock.
+    sem_acquire(&mut h, 2, "s", a, 2);
+    assert_eq!(
+        acquire(&mut h, 3, "x", b, 10_000, X),
+        Response::LockQueued { position: 1 }
+    );
+    // b, with a priority head start, would be granted the free permit ahead of a: then a
+    // would wait for b (it needs b's permit too) while b waits for a.
+    let r = h.apply(
+        4,
+        Command::SemAcquire {
+            name: "s".into(),
+            lease_id: b,
+            permits: 1,
+            wait_ms: 0,
+            priority: 9,
+        },
+    );
+    let Response::Rejected(rej) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(rej.code, ErrorCode::Deadlock);
+    assert!(!h.sm.semaphores["s"].holders.contains_key(&b));
+}

@@ -199,6 +199,12 @@ impl Sm {
                 },
             );
             lease.sems.insert(name.to_string());
+            // The waiters behind may now wait for this lease; if it waits elsewhere itself,
+            // that can close a cycle: then the grant is undone and refused.
+            if let Some(cycle) = self.find_cycle(lease_id) {
+                self.sem_drop_holder(name, lease_id);
+                return self.deadlock(index, lease_id, &format!("semaphore:{name}"), cycle);
+            }
             self.emit(
                 "semaphore",
                 name,

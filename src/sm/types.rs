@@ -103,6 +103,36 @@ pub enum Command {
         name: String,
         all: bool,
     },
+    /// Arrive at barrier `name` and wait (up to `wait_ms`, at least 1) until `parties` leases
+    /// have arrived in the current generation. `generation`, if given, names the generation the
+    /// caller means to pass (resuming a wait whose answer was lost).
+    BarrierWait {
+        name: String,
+        lease_id: u64,
+        parties: u64,
+        wait_ms: u64,
+        #[serde(default)]
+        generation: Option<u64>,
+    },
+    /// Enter double barrier `name`: wait (up to `wait_ms`) until `parties` leases are waiting to
+    /// enter, then all enter together.
+    DoubleBarrierEnter {
+        name: String,
+        lease_id: u64,
+        parties: u64,
+        wait_ms: u64,
+        #[serde(default)]
+        generation: Option<u64>,
+    },
+    /// Leave double barrier `name`: wait (up to `wait_ms`) until every lease that entered with
+    /// this one has left (or died).
+    DoubleBarrierLeave {
+        name: String,
+        lease_id: u64,
+        #[serde(default)]
+        parties: Option<u64>,
+        wait_ms: u64,
+    },
 }
 
 impl Command {
@@ -123,6 +153,9 @@ impl Command {
             Command::SemRelease { .. } => "sem_release",
             Command::CondWait { .. } => "cond_wait",
             Command::CondNotify { .. } => "cond_notify",
+            Command::BarrierWait { .. } => "barrier_wait",
+            Command::DoubleBarrierEnter { .. } => "double_barrier_enter",
+            Command::DoubleBarrierLeave { .. } => "double_barrier_leave",
         }
     }
 }
@@ -255,6 +288,45 @@ pub enum Response {
     CondNotified {
         /// Leases moved back to their locks, in order.
         woken: Vec<u64>,
+    },
+    /// The lease waits at the barrier in `generation`; `arrived` leases (this one included)
+    /// of `parties` are there.
+    BarrierWaiting {
+        generation: u64,
+        arrived: u64,
+        parties: u64,
+    },
+    /// `generation` was released with the lease in it; `token` is the log index of the
+    /// releasing entry (the same for every party of the generation).
+    BarrierReleased {
+        generation: u64,
+        parties: u64,
+        token: u64,
+    },
+    /// The lease waits to enter the double barrier in `generation`.
+    DoubleBarrierEntering {
+        generation: u64,
+        arrived: u64,
+        parties: u64,
+    },
+    /// The lease entered `generation`; `token` is the log index of the admitting entry.
+    DoubleBarrierEntered {
+        generation: u64,
+        parties: u64,
+        token: u64,
+    },
+    /// The lease left and waits for `remaining` leases still inside.
+    DoubleBarrierLeaving {
+        generation: u64,
+        remaining: u64,
+        parties: u64,
+    },
+    /// Everyone who entered `generation` has left; `token` is the log index of the releasing
+    /// entry.
+    DoubleBarrierLeft {
+        generation: u64,
+        parties: u64,
+        token: u64,
     },
 }
 
