@@ -74,9 +74,10 @@
 //! Holds of one process are merged (a re-acquire may be idempotent). At equal times ends come
 //! before starts. If at some instant more than `capacity` processes hold a permit, that is a
 //! [`SEMAPHORE_CAPACITY`] violation, reported once per over-capacity episode.
-//! Caveat: a live client can also lose its permit by lease expiry during a long partition; the
-//! runner must either keep TTLs above nemesis durations or record a release when it sees its
-//! lease lost, or this checker can flag a legitimate hand-off.
+//! A live client can also lose its permit by lease expiry (a long partition, a slow grant): a
+//! hold therefore also ends at the acquire's `valid_until_ns`, the time until which the lease
+//! is guaranteed alive (its grant's invoke plus the TTL; the cluster stamps the deadline later
+//! than that). A client acting past it holds nothing; fencing, not the permit, protects that.
 //!
 //! Malformed input the checkers cannot judge (an Ok acquire without token, an Ok fenced write
 //! without token or revision, a semaphore with no capacity) is reported as [`HISTORY_MALFORMED`].
@@ -884,7 +885,12 @@ fn check_semaphore(
             .get(&a.process)
             .and_then(|r| r.iter().copied().find(|&t| t >= start));
         let retire = retired_at.get(&a.process).copied().filter(|&t| t >= start);
-        let end = release.into_iter().chain(retire).min().unwrap_or(u64::MAX);
+        let end = release
+            .into_iter()
+            .chain(retire)
+            .chain(a.valid_until_ns)
+            .min()
+            .unwrap_or(u64::MAX);
         if end > start {
             holds.entry(a.process).or_default().push((start, end, a));
         }
@@ -960,6 +966,7 @@ mod tests {
             token: None,
             revision: None,
             capacity: None,
+            valid_until_ns: None,
             outcome: Kind::Ok,
             invoke_ns: inv,
             complete_ns: Some(comp),
@@ -1739,6 +1746,19 @@ mod tests {
         assert!(check_semaphores(&ops).is_empty());
         // Without the retirement the overlap is definite.
         let ops = vec![sacq(1, 1, 0, 10), sacq(2, 1, 20, 40)];
+        assert_eq!(names(&check_semaphores(&ops)), vec![SEMAPHORE_CAPACITY]);
+    }
+
+    #[test]
+    fn semaphore_hold_ends_when_the_lease_may_have_expired() {
+        // p1's lease is only guaranteed until t=25: p2's grant at t=40 may be the hand-off.
+        let mut a = sacq(1, 1, 0, 10);
+        a.valid_until_ns = Some(25);
+        let ops = vec![a.clone(), sacq(2, 1, 20, 40), srel(1, 50, 60)];
+        assert!(check_semaphores(&ops).is_empty());
+        // While the lease is guaranteed alive, the overlap is a violation.
+        a.valid_until_ns = Some(45);
+        let ops = vec![a, sacq(2, 1, 20, 40), srel(1, 50, 60)];
         assert_eq!(names(&check_semaphores(&ops)), vec![SEMAPHORE_CAPACITY]);
     }
 

@@ -81,6 +81,11 @@ pub struct Event {
     /// SemAcquire: capacity of the semaphore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<u64>,
+    /// SemAcquire: the monotonic time until which the lease is guaranteed alive (the lease
+    /// grant's invoke plus its TTL; the cluster's deadline can only be later). A hold counts no
+    /// longer than this: after it the cluster may expire the lease and hand the permit on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_until_ns: Option<u64>,
     /// Node the request was sent to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<u64>,
@@ -104,6 +109,7 @@ impl Event {
             token: None,
             revision: None,
             capacity: None,
+            valid_until_ns: None,
             node: None,
             time_ns,
             error: None,
@@ -127,6 +133,8 @@ pub struct Operation {
     pub revision: Option<u64>,
     /// SemAcquire capacity.
     pub capacity: Option<u64>,
+    /// SemAcquire: the hold is void after this time (see `Event::valid_until_ns`).
+    pub valid_until_ns: Option<u64>,
     /// `Ok`, `Fail` or `Info` (never `Invoke`; an uncompleted invoke is `Info`).
     pub outcome: Kind,
     pub invoke_ns: u64,
@@ -211,6 +219,7 @@ impl History {
                         token: e.token,
                         revision: e.revision,
                         capacity: e.capacity,
+                        valid_until_ns: e.valid_until_ns,
                         outcome: Kind::Info,
                         invoke_ns: e.time_ns,
                         complete_ns: None,
@@ -245,6 +254,7 @@ impl History {
                     o.token = e.token.or(o.token);
                     o.revision = e.revision.or(o.revision);
                     o.capacity = o.capacity.or(e.capacity);
+                    o.valid_until_ns = o.valid_until_ns.or(e.valid_until_ns);
                     match e.kind {
                         Kind::Info => {
                             retired.insert(e.process);

@@ -697,8 +697,9 @@ async fn register_client(sh: Arc<Shared>, seed: u64) {
 
 const SEM_NAME: &str = "chaos-sem";
 const SEM_CAPACITY: u64 = 2;
-/// The capacity checker counts a hold from the acquire's `ok` to the release's invocation, so
-/// the lease must outlive that window: at most the acquire timeout (3.5 s) plus the hold.
+/// The capacity checker counts a hold from the acquire's `ok` to the release's invocation or
+/// the end of the lease's guaranteed life (recorded as `valid_until_ns`), whichever is first;
+/// a TTL longer than acquire plus hold keeps most holds whole.
 const SEM_LEASE_TTL_MS: u64 = 10_000;
 
 async fn semaphore_client(sh: Arc<Shared>, seed: u64) {
@@ -707,6 +708,8 @@ async fn semaphore_client(sh: Arc<Shared>, seed: u64) {
     while !sh.stop.load(Ordering::Relaxed) {
         let node = rng.gen_range(0..sh.addrs.len());
         let (id, addr) = sh.addrs[node].clone();
+        // The cluster stamps the lease deadline at apply, after this: it lives at least this long.
+        let valid_until = sh.rec.now() + SEM_LEASE_TTL_MS * 1_000_000;
         let lease = match call(
             &sh.http,
             &addr,
@@ -729,6 +732,7 @@ async fn semaphore_client(sh: Arc<Shared>, seed: u64) {
         );
         inv.node = Some(id);
         inv.capacity = Some(SEM_CAPACITY);
+        inv.valid_until_ns = Some(valid_until);
         sh.rec.record(inv.clone());
         let body = json!({"lease_id": lease, "permits": 1, "wait_ms": LOCK_WAIT_MS});
         let timeout = OP_TIMEOUT + Duration::from_millis(LOCK_WAIT_MS);
