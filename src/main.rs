@@ -716,7 +716,10 @@ async fn watch(
     types: Option<&str>,
     from: Option<u64>,
 ) -> Result<(), ClientError> {
+    // Resume from the revision of the last change printed, skipping the changes of that
+    // revision already printed (one entry can make several changes).
     let mut next = from;
+    let mut printed_at: Option<(u64, usize)> = None;
     let mut endpoint = 0;
     let mut failures = 0;
     loop {
@@ -724,20 +727,35 @@ async fn watch(
         if let Some(t) = types {
             q += &format!("&types={t}");
         }
-        if let Some(r) = next {
+        let start = printed_at.map(|(r, _)| r).or(next);
+        if let Some(r) = start {
             q += &format!("&from_revision={r}");
         }
+        let mut skip = printed_at.map_or(0, |(_, n)| n);
         match client.watch(endpoint, &q).await {
             Ok(mut w) => loop {
                 match w.next().await {
                     Ok(Some(ev)) if ev.event == "change" => {
                         failures = 0;
-                        next = ev.data["revision"].as_u64().map(|r| r + 1).or(next);
+                        let rev = ev.data["revision"].as_u64().unwrap_or(0);
+                        if Some(rev) == start && skip > 0 {
+                            skip -= 1;
+                            continue;
+                        }
+                        printed_at = match printed_at {
+                            Some((r, n)) if r == rev => Some((r, n + 1)),
+                            _ => Some((rev, 1)),
+                        };
                         println!("{}", ev.data);
                     }
                     Ok(Some(ev)) if ev.event == "progress" => {
-                        let r = ev.data["revision"].as_u64();
-                        next = r.map(|r| r + 1).max(next);
+                        // Everything up to here was sent: resume after it.
+                        if let Some(r) = ev.data["revision"].as_u64() {
+                            if printed_at.is_none_or(|(p, _)| p <= r) {
+                                next = Some(r + 1).max(next);
+                                printed_at = None;
+                            }
+                        }
                     }
                     Ok(Some(ev)) if ev.event == "compacted" => {
                         return Err(ClientError::Api {

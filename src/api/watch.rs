@@ -167,8 +167,13 @@ fn stream(st: St) -> impl Stream<Item = Result<SseEvent, Infallible>> {
                 }
                 Read::Events(evs, next, t) => {
                     s.cursor = Some(next);
-                    through = t.max(s.from.saturating_sub(1));
-                    for e in evs.iter().filter(|e| s.filter.wants(e)) {
+                    through = t;
+                    // A start ahead of this node: skip what it applies before getting there.
+                    let from = s.from;
+                    for e in evs
+                        .iter()
+                        .filter(|e| e.revision >= from && s.filter.wants(e))
+                    {
                         let data = serde_json::to_value(e).unwrap_or_default();
                         s.pending
                             .push_back(sse("change", data).id(e.revision.to_string()));

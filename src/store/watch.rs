@@ -50,6 +50,10 @@ impl WatchLog {
     /// Forget everything: the state now starts at `applied` (a loaded or installed snapshot).
     pub fn reset(&mut self, applied: u64) {
         self.events.clear();
+        // Skip a sequence number: every existing cursor, even one that had read everything,
+        // is now before `first_valid_seq` and gets `Compacted` (it would miss what the
+        // snapshot covers); new cursors start after the gap.
+        self.next_seq += 1;
         self.first_valid_seq = self.next_seq;
         self.oldest_revision = applied + 1;
         self.last_revision = applied;
@@ -175,7 +179,9 @@ mod tests {
             names(w.read(next2, 10)).0,
             vec![(14, "d".into()), (14, "e".into())]
         );
-        // An installed snapshot invalidates every cursor.
+        // An installed snapshot invalidates every cursor, even a caught-up one.
+        let caught_up = w.cursor_at(15).unwrap();
+        assert!(matches!(w.read(caught_up, 10), Read::Events(ref e, _, _) if e.is_empty()));
         w.reset(30);
         assert!(matches!(
             w.read(next2, 10),
@@ -183,6 +189,14 @@ mod tests {
                 oldest_revision: 31
             }
         ));
-        assert_eq!(w.cursor_at(31), Some(w.next_seq));
+        assert!(matches!(
+            w.read(caught_up, 10),
+            Read::Compacted {
+                oldest_revision: 31
+            }
+        ));
+        let fresh = w.cursor_at(31).unwrap();
+        w.push(31, vec![ev(31, "f")]);
+        assert_eq!(names(w.read(fresh, 10)).0, vec![(31, "f".into())]);
     }
 }
