@@ -5,9 +5,11 @@
 //! leader otherwise (hop-limited), or answers 307 with `?redirect=true`. Every response carries
 //! `X-Concord-Leader` and `X-Concord-Index`.
 
+mod elections;
 pub mod error;
 mod extract;
 mod forward;
+mod queues;
 mod raft;
 mod semaphores;
 mod v1;
@@ -30,6 +32,8 @@ pub const BODY_LIMIT: usize = 1 << 20;
 pub fn router(node: Arc<Node>) -> Router {
     let leader_routes = v1::leader_routes()
         .merge(semaphores::routes())
+        .merge(elections::routes())
+        .merge(queues::routes())
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
             node.clone(),
