@@ -106,31 +106,32 @@ async fn claim(
         wait_ms: b.wait_ms,
     };
     let lease_id = b.lease_id;
-    let ticket =
-        match apply(&node, cmd, b.request_id).await? {
-            Response::QueueClaimed {
-                id,
-                item,
-                priority,
-                pushed_ms,
-                claims,
-                token,
-            } => {
-                return ok(json!({
-                    "queue": name, "id": id, "item": item, "priority": priority,
-                    "pushed_ms": pushed_ms, "claims": claims, "lease_id": lease_id, "token": token,
-                }))
-            }
-            // Trying never waits, even when the lease is already in line from an earlier call.
-            Response::QueueWaiting { .. } if b.wait_ms == 0 => return Err(ApiError::new(
+    let ticket = match apply(&node, cmd, b.request_id).await? {
+        Response::QueueClaimed {
+            id,
+            item,
+            priority,
+            pushed_ms,
+            claims,
+            token,
+        } => {
+            return ok(json!({
+                "queue": name, "id": id, "item": item, "priority": priority,
+                "pushed_ms": pushed_ms, "claims": claims, "lease_id": lease_id, "token": token,
+            }))
+        }
+        // Trying never waits, even when the lease is already in line from an earlier call.
+        Response::QueueWaiting { .. } if b.wait_ms == 0 => {
+            return Err(ApiError::new(
                 ErrorCode::Timeout,
                 format!(
                     "queue {name} has no pending item; lease {lease_id} is already waiting for one"
                 ),
-            )),
-            Response::QueueWaiting { ticket, .. } => ticket,
-            r => return Err(unexpected(r)),
-        };
+            ))
+        }
+        Response::QueueWaiting { ticket, .. } => ticket,
+        r => return Err(unexpected(r)),
+    };
     // The item handed to this wait carries its ticket; the wait's own deadline bounds it.
     let id = wait_for_grant(
         &node,

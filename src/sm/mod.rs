@@ -394,7 +394,11 @@ fn lease_not_found(lease_id: u64) -> Response {
 }
 
 #[cfg(test)]
+mod election_tests;
+#[cfg(test)]
 mod harness;
+#[cfg(test)]
+mod queue_tests;
 #[cfg(test)]
 mod semaphore_tests;
 #[cfg(test)]

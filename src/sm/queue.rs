@@ -108,7 +108,7 @@ impl WorkQueue {
         self.order.iter().filter_map(|(_, id)| self.pending.get(id))
     }
 
-    fn insert_pending(&mut self, item: QueueItem) {
+    pub(super) fn insert_pending(&mut self, item: QueueItem) {
         self.order.insert(item.order_key());
         self.pending.insert(item.id, item);
     }

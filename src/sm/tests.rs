@@ -2084,6 +2084,14 @@ fn expected_rejection(cmd: &Command, sm: &Sm) -> Option<Rejection> {
         Command::Tick | Command::RetireNode { .. } => None,
         // Semaphores have their own model in `semaphore_tests.rs`.
         Command::SemCreate { .. } | Command::SemAcquire { .. } | Command::SemRelease { .. } => None,
+        // Elections and queues are tested in `election_tests.rs` and `queue_tests.rs`.
+        Command::ElectionCampaign { .. }
+        | Command::ElectionProclaim { .. }
+        | Command::ElectionResign { .. }
+        | Command::QueuePush { .. }
+        | Command::QueueClaim { .. }
+        | Command::QueueAck { .. }
+        | Command::QueueNack { .. } => None,
         Command::LeaseGrant { ttl_ms, .. } if !(MIN_TTL_MS..=MAX_TTL_MS).contains(ttl_ms) => {
             reject(ErrorCode::InvalidArgument)
         }
