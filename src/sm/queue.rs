@@ -368,17 +368,14 @@ impl Sm {
     fn queue_hand_off(&mut self, index: u64, name: &str) -> Vec<(u64, u64)> {
         let now = self.time_ms;
         let mut handed = Vec::new();
-        loop {
-            let Some(q) = self.queues.get_mut(name) else {
-                break;
-            };
-            if q.waiters.is_empty() || q.pending.is_empty() {
+        while let Some(q) = self.queues.get_mut(name) {
+            if q.waiters.is_empty() {
                 break;
             }
-            let w = q.waiters.remove(0);
             let Some(item) = q.pop_pending() else {
                 break;
             };
+            let w = q.waiters.remove(0);
             self.remove_timer(w.deadline_ms, Kind::Queue, name, w.lease_id);
             // Waiters of ended leases left the line when their lease ended: `w` is alive.
             let c = self.queue_give(index, now, name, item, w.lease_id, w.seq);
