@@ -157,6 +157,31 @@ async fn election_api_and_error_codes() {
     );
     let won = cl.election_campaign("svc", b, "10.0.0.2", 0).await.unwrap();
     assert!(won["token"].as_u64().unwrap() > token);
+
+    // The OpenAPI document describes these routes and the new error code.
+    let leader = c.wait_leader().await;
+    let doc: Value = reqwest::get(format!("http://{}/v1/openapi.json", c.addrs[&leader]))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for p in [
+        "/v1/elections/{name}",
+        "/v1/elections/{name}/campaign",
+        "/v1/elections/{name}/proclaim",
+        "/v1/elections/{name}/resign",
+        "/v1/queues/{name}",
+        "/v1/queues/{name}/claim",
+        "/v1/queues/{name}/ack",
+        "/v1/queues/{name}/nack",
+    ] {
+        assert!(doc["paths"][p].is_object(), "{p} missing from openapi.json");
+    }
+    let codes = doc["components"]["schemas"]["ErrorCode"]["enum"]
+        .as_array()
+        .unwrap();
+    assert!(codes.contains(&json!("resource_exhausted")));
     c.shutdown().await;
 }
 
