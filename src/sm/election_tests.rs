@@ -722,6 +722,7 @@ impl Run {
         };
         // The same entry as a Tick: what expiry alone does. A rejected command must leave
         // exactly that state.
+        self.h.sm.take_events();
         let mut ticked = self.h.sm.clone();
         ticked.apply(
             self.h.index + 1,
@@ -735,9 +736,21 @@ impl Run {
         let pre = self.h.sm.clone();
         let r = self.h.apply(self.now, cmd.clone());
         let idx = self.h.index;
+        let events = self.h.sm.take_events();
+        let tick_events = ticked.take_events();
         let sm = &self.h.sm;
         if matches!(r, Response::Rejected(_)) {
             prop_assert_eq!(sm, &ticked, "rejected {:?} changed the state", cmd);
+            prop_assert_eq!(&events, &tick_events, "rejected {:?} emitted events", cmd);
+        }
+        // Every change the command makes is announced.
+        prop_assert_eq!(&events[..tick_events.len()], &tick_events[..]);
+        if sm.elections != ticked.elections {
+            prop_assert!(
+                events.len() > tick_events.len(),
+                "{:?} changed elections silently",
+                cmd
+            );
         }
         if let Response::LeaseGranted { lease_id, .. } = r {
             self.granted.push(lease_id);

@@ -827,6 +827,7 @@ impl Run {
             return Ok(());
         };
         // The same entry as a Tick: what expiry alone does.
+        self.h.sm.take_events();
         let mut ticked = self.h.sm.clone();
         ticked.apply(
             self.h.index + 1,
@@ -839,9 +840,21 @@ impl Run {
         );
         let r = self.h.apply(self.now, cmd.clone());
         let idx = self.h.index;
+        let events = self.h.sm.take_events();
+        let tick_events = ticked.take_events();
         let sm = &self.h.sm;
         if matches!(r, Response::Rejected(_)) {
             prop_assert_eq!(sm, &ticked, "rejected {:?} changed the state", cmd);
+            prop_assert_eq!(&events, &tick_events, "rejected {:?} emitted events", cmd);
+        }
+        // Every change the command makes is announced.
+        prop_assert_eq!(&events[..tick_events.len()], &tick_events[..]);
+        if sm.queues != ticked.queues {
+            prop_assert!(
+                events.len() > tick_events.len(),
+                "{:?} changed queues silently",
+                cmd
+            );
         }
         if let Response::LeaseGranted { lease_id, .. } = r {
             self.granted.push(lease_id);
