@@ -258,3 +258,64 @@ async fn blocked_candidates_survive_a_leader_kill_and_leadership_passes_once() {
     assert_eq!(st["token"], td);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_candidate_cut_off_by_a_leader_kill_retries_and_learns_it_leads() {
+    let mut c = TestCluster::start(3).await;
+    let raft_leader = c.wait_leader().await;
+    let follower = *c.nodes.keys().find(|id| **id != raft_leader).unwrap();
+    let cl = c.client_all();
+    let a = cl.lease_grant(60_000, None).await.unwrap();
+    let b = cl.lease_grant(60_000, None).await.unwrap();
+    let d = cl.lease_grant(60_000, None).await.unwrap();
+    cl.election_campaign("svc", a, "A", 0).await.unwrap();
+
+    // b waits through a raw call to the Raft leader itself: it dies with that node.
+    let body =
+        json!({"lease_id": b, "value": "B", "wait_ms": 60_000, "request_id": "campaign-b-1"});
+    let url = format!("http://{}/v1/elections/svc/campaign", c.addrs[&raft_leader]);
+    let first = body.clone();
+    let wb = tokio::spawn(async move {
+        match reqwest::Client::new().post(url).json(&first).send().await {
+            Ok(r) => Err(r.status().as_u16()),
+            Err(_) => Ok(()),
+        }
+    });
+    wait_candidates(&cl, "svc", 1).await;
+    // d waits through a follower, which forwards to the leader.
+    let cd = c.client(follower);
+    let wd = tokio::spawn(async move { cd.election_campaign("svc", d, "D", 60_000).await });
+    wait_candidates(&cl, "svc", 2).await;
+
+    c.kill(raft_leader).await;
+    // b's call ends cleanly: the connection drops, or 503 (the node was stopping).
+    match wb.await.unwrap() {
+        Ok(()) => {}
+        Err(status) => assert_eq!(status, 503),
+    }
+    c.wait_leader().await;
+    let cl = c.client_all();
+    // a steps down while b is cut off: b, first in line, leads.
+    let r = cl.election_resign("svc", a).await.unwrap();
+    assert_eq!(r["leader"], b);
+    // b retries with the same request_id: it learns it leads, with that token.
+    let got = cl
+        .call(
+            reqwest::Method::POST,
+            "/v1/elections/svc/campaign",
+            Some(body),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (got["leader"].as_u64(), got["token"].as_u64()),
+        (Some(b), r["token"].as_u64())
+    );
+    assert!(!wd.is_finished());
+    let r = cl.election_resign("svc", b).await.unwrap();
+    assert_eq!(r["leader"], d);
+    let got = wd.await.unwrap().unwrap();
+    assert_eq!(got["token"], r["token"]);
+    c.shutdown().await;
+}

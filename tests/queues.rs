@@ -315,3 +315,66 @@ async fn concurrent_workers_through_a_leader_kill_ack_every_item_exactly_once() 
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claimer_cut_off_by_a_leader_kill_retries_and_gets_the_item_handed_meanwhile() {
+    let mut c = TestCluster::start(3).await;
+    let raft_leader = c.wait_leader().await;
+    let cl = c.client_all();
+    let a = cl.lease_grant(60_000, None).await.unwrap();
+    let b = cl.lease_grant(60_000, None).await.unwrap();
+
+    // a waits through a raw call to the Raft leader itself: it dies with that node.
+    let body = json!({"lease_id": a, "wait_ms": 60_000, "request_id": "claim-a-1"});
+    let url = format!("http://{}/v1/queues/q/claim", c.addrs[&raft_leader]);
+    let first = body.clone();
+    let wa = tokio::spawn(async move {
+        match reqwest::Client::new().post(url).json(&first).send().await {
+            Ok(r) => Err(r.status().as_u16()),
+            Err(_) => Ok(()),
+        }
+    });
+    wait_waiting(&cl, "q", 1).await;
+    let cb = c.client_all();
+    let wb = tokio::spawn(async move { cb.queue_claim("q", b, 60_000).await });
+    wait_waiting(&cl, "q", 2).await;
+
+    c.kill(raft_leader).await;
+    // a's call ends cleanly: the connection drops, or 503 (the node was stopping).
+    match wa.await.unwrap() {
+        Ok(()) => {}
+        Err(status) => assert_eq!(status, 503),
+    }
+    c.wait_leader().await;
+    let cl = c.client_all();
+    // Items arrive while a is cut off: the first goes to a (first in line), the second to b.
+    let p1 = cl.queue_push("q", "one", 0).await.unwrap();
+    let p2 = cl.queue_push("q", "two", 0).await.unwrap();
+    assert_eq!(
+        (p1["claimed_by"].as_u64(), p2["claimed_by"].as_u64()),
+        (Some(a), Some(b))
+    );
+    // a retries with the same request_id: it resumes its wait and gets the item handed to it.
+    let got_a = cl
+        .call(
+            reqwest::Method::POST,
+            "/v1/queues/q/claim",
+            Some(body),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!((id(&got_a), got_a["item"].as_str()), (id(&p1), Some("one")));
+    let got_b = claimed_or_retry(wb.await.unwrap(), &cl, "q", b).await;
+    assert_eq!(id(&got_b), id(&p2));
+    let st = cl.queue_status("q", 10).await.unwrap();
+    assert_eq!(
+        (
+            st["pending_count"].as_u64(),
+            st["claimed_count"].as_u64(),
+            st["waiting_count"].as_u64()
+        ),
+        (Some(0), Some(2), Some(0))
+    );
+    c.shutdown().await;
+}
