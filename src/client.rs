@@ -492,6 +492,111 @@ impl Client {
             .await
     }
 
+    /// Campaign in election `name` with `value`, waiting up to `wait_ms` in the candidate line.
+    /// Answers `{election, leader, value, token, since_ms}` once `lease_id` leads.
+    pub async fn election_campaign(
+        &self,
+        name: &str,
+        lease_id: u64,
+        value: &str,
+        wait_ms: u64,
+    ) -> Result<Value, ClientError> {
+        let path = format!("/v1/elections/{}/campaign", encode_segment(name));
+        let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(15);
+        let body = json!({"lease_id": lease_id, "value": value, "wait_ms": wait_ms});
+        self.mutate(Method::POST, &path, body, timeout).await
+    }
+
+    pub async fn election_proclaim(
+        &self,
+        name: &str,
+        lease_id: u64,
+        value: &str,
+    ) -> Result<Value, ClientError> {
+        let path = format!("/v1/elections/{}/proclaim", encode_segment(name));
+        let body = json!({"lease_id": lease_id, "value": value});
+        self.mutate(Method::POST, &path, body, Duration::from_secs(10))
+            .await
+    }
+
+    /// Step down as leader (the next candidate takes over), or leave the candidate line.
+    pub async fn election_resign(&self, name: &str, lease_id: u64) -> Result<Value, ClientError> {
+        let path = format!("/v1/elections/{}/resign", encode_segment(name));
+        self.mutate(
+            Method::POST,
+            &path,
+            json!({"lease_id": lease_id}),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    pub async fn election_status(&self, name: &str) -> Result<Value, ClientError> {
+        self.get(&format!("/v1/elections/{}", encode_segment(name)))
+            .await
+    }
+
+    /// Push `item` to queue `name`; answers `{queue, id, priority, claimed_by}`.
+    pub async fn queue_push(
+        &self,
+        name: &str,
+        item: &str,
+        priority: u64,
+    ) -> Result<Value, ClientError> {
+        let path = format!("/v1/queues/{}", encode_segment(name));
+        let body = json!({"item": item, "priority": priority});
+        self.mutate(Method::POST, &path, body, Duration::from_secs(10))
+            .await
+    }
+
+    /// Claim the next item of queue `name` for `lease_id`, waiting up to `wait_ms` in line.
+    /// Answers `{queue, id, item, priority, pushed_ms, claims, lease_id, token}`.
+    pub async fn queue_claim(
+        &self,
+        name: &str,
+        lease_id: u64,
+        wait_ms: u64,
+    ) -> Result<Value, ClientError> {
+        let path = format!("/v1/queues/{}/claim", encode_segment(name));
+        let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(15);
+        let body = json!({"lease_id": lease_id, "wait_ms": wait_ms});
+        self.mutate(Method::POST, &path, body, timeout).await
+    }
+
+    pub async fn queue_ack(
+        &self,
+        name: &str,
+        lease_id: u64,
+        id: u64,
+    ) -> Result<Value, ClientError> {
+        let path = format!("/v1/queues/{}/ack", encode_segment(name));
+        let body = json!({"lease_id": lease_id, "id": id});
+        self.mutate(Method::POST, &path, body, Duration::from_secs(10))
+            .await
+    }
+
+    /// Give a claimed item back to the queue (its original place).
+    pub async fn queue_nack(
+        &self,
+        name: &str,
+        lease_id: u64,
+        id: u64,
+    ) -> Result<Value, ClientError> {
+        let path = format!("/v1/queues/{}/nack", encode_segment(name));
+        let body = json!({"lease_id": lease_id, "id": id});
+        self.mutate(Method::POST, &path, body, Duration::from_secs(10))
+            .await
+    }
+
+    /// Pending (in claim order), claimed and waiting, each list capped at `limit`.
+    pub async fn queue_status(&self, name: &str, limit: usize) -> Result<Value, ClientError> {
+        self.get(&format!(
+            "/v1/queues/{}?limit={limit}",
+            encode_segment(name)
+        ))
+        .await
+    }
+
     pub async fn fence_check(&self, lock: &str, token: u64) -> Result<Value, ClientError> {
         let body = json!({"lock": lock, "token": token});
         self.call(

@@ -75,6 +75,12 @@ enum Cmd {
     /// together).
     #[command(subcommand)]
     Barrier(BarrierCmd),
+    /// Leader elections with fencing tokens.
+    #[command(subcommand)]
+    Election(ElectionCmd),
+    /// Work queues: each item is handed to one lease at a time until acked.
+    #[command(subcommand)]
+    Queue(QueueCmd),
     /// Start a cluster of real processes, drive it, inject faults, and check the history.
     Chaos(concord::chaos::runner::ChaosArgs),
 }
@@ -214,6 +220,76 @@ enum BarrierCmd {
         parties: Option<u64>,
         #[arg(long, default_value_t = 60_000)]
         wait_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ElectionCmd {
+    /// Become leader (prints the token), waiting up to --wait-ms in the candidate line.
+    Campaign {
+        name: String,
+        #[arg(long)]
+        lease: u64,
+        #[arg(long, default_value = "")]
+        value: String,
+        #[arg(long, default_value_t = 0)]
+        wait_ms: u64,
+    },
+    /// Replace the leader's value (only the leader).
+    Proclaim {
+        name: String,
+        #[arg(long)]
+        lease: u64,
+        #[arg(long)]
+        value: String,
+    },
+    /// Step down (the next candidate takes over), or leave the candidate line.
+    Resign {
+        name: String,
+        #[arg(long)]
+        lease: u64,
+    },
+    Status {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Add an item (prints its id).
+    Push {
+        name: String,
+        item: String,
+        /// 0 (default, lowest) to 9; items age one level per second.
+        #[arg(long, default_value_t = 0)]
+        priority: u64,
+    },
+    /// Take the next item for a lease, waiting up to --wait-ms.
+    Claim {
+        name: String,
+        #[arg(long)]
+        lease: u64,
+        #[arg(long, default_value_t = 0)]
+        wait_ms: u64,
+    },
+    /// Mark a claimed item done.
+    Ack {
+        name: String,
+        id: u64,
+        #[arg(long)]
+        lease: u64,
+    },
+    /// Give a claimed item back to the queue.
+    Nack {
+        name: String,
+        id: u64,
+        #[arg(long)]
+        lease: u64,
+    },
+    Status {
+        name: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
 }
 
@@ -559,6 +635,61 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 BarrierCmd::Leave { name, lease, parties, wait_ms } => {
                     let v = client.double_barrier_leave(&name, lease, parties, wait_ms).await?;
                     let human = format!("{name}: everyone left generation {} (token {})", v["generation"], v["token"]);
+                    out(v, human);
+                }
+            },
+            Cmd::Election(c) => match c {
+                ElectionCmd::Campaign { name, lease, value, wait_ms } => {
+                    let v = client.election_campaign(&name, lease, &value, wait_ms).await?;
+                    let human = v["token"].to_string();
+                    out(v, human);
+                }
+                ElectionCmd::Proclaim { name, lease, value } => {
+                    let v = client.election_proclaim(&name, lease, &value).await?;
+                    out(v, format!("{name}: value proclaimed"));
+                }
+                ElectionCmd::Resign { name, lease } => {
+                    let v = client.election_resign(&name, lease).await?;
+                    let human = match v["leader"].as_u64() {
+                        Some(l) => format!("{name}: resigned; lease {l} leads with token {}", v["token"]),
+                        None => format!("{name}: resigned"),
+                    };
+                    out(v, human);
+                }
+                ElectionCmd::Status { name } => {
+                    let v = client.election_status(&name).await?;
+                    let waiting = v["candidates"].as_array().map_or(0, |c| c.len());
+                    let human = match v["leader"].as_u64() {
+                        Some(l) => format!("{name}: led by lease {l} with token {} (value {}); {waiting} candidates",
+                            v["token"], v["value"]),
+                        None => format!("{name}: no leader"),
+                    };
+                    out(v, human);
+                }
+            },
+            Cmd::Queue(c) => match c {
+                QueueCmd::Push { name, item, priority } => {
+                    let v = client.queue_push(&name, &item, priority).await?;
+                    let human = v["id"].to_string();
+                    out(v, human);
+                }
+                QueueCmd::Claim { name, lease, wait_ms } => {
+                    let v = client.queue_claim(&name, lease, wait_ms).await?;
+                    let human = format!("{}\t{}", v["id"], v["item"].as_str().unwrap_or(""));
+                    out(v, human);
+                }
+                QueueCmd::Ack { name, id, lease } => {
+                    let v = client.queue_ack(&name, lease, id).await?;
+                    out(v, format!("{name}: item {id} acked"));
+                }
+                QueueCmd::Nack { name, id, lease } => {
+                    let v = client.queue_nack(&name, lease, id).await?;
+                    out(v, format!("{name}: item {id} returned"));
+                }
+                QueueCmd::Status { name, limit } => {
+                    let v = client.queue_status(&name, limit).await?;
+                    let human = format!("{name}: {} pending, {} claimed, {} waiting claimers",
+                        v["pending_count"], v["claimed_count"], v["waiting_count"]);
                     out(v, human);
                 }
             },

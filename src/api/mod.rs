@@ -7,9 +7,11 @@
 
 mod barriers;
 mod conditions;
+mod elections;
 pub mod error;
 mod extract;
 mod forward;
+mod queues;
 mod raft;
 mod semaphores;
 mod v1;
@@ -35,6 +37,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .merge(semaphores::routes())
         .merge(conditions::routes())
         .merge(barriers::routes())
+        .merge(elections::routes())
+        .merge(queues::routes())
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
             node.clone(),

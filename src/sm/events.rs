@@ -53,3 +53,15 @@ impl Sm {
         std::mem::take(&mut self.events.0)
     }
 }
+
+#[cfg(test)]
+impl Sm {
+    /// The buffered events of one type (tests of one primitive ignore the others', such as
+    /// the lease events of a revoke).
+    pub fn take_events_of(&mut self, kind: &str) -> Vec<Event> {
+        self.take_events()
+            .into_iter()
+            .filter(|e| e.kind == kind)
+            .collect()
+    }
+}

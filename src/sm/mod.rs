@@ -34,11 +34,16 @@ pub use barrier::{Barrier, BarrierPass, BarrierRelease, BarrierWaiter, MAX_PARTI
 pub use condition::{CondWaiter, Condition};
 pub use deadlock::{DeadlockRecord, WaitEdge, RECENT_DEADLOCKS};
 pub use double_barrier::{DoubleBarrier, DoubleBarrierMember, DoubleBarrierPass};
+pub use election::{Candidate, Election, ElectionLeader, MAX_CANDIDATES, MAX_ELECTION_VALUE};
 pub use events::{Event, EventBuf};
 pub use kv::KvEntry;
 pub use lease::{Lease, MAX_TTL_MS, MIN_TTL_MS};
 pub use lock::{Holder, Lock, LockMode, Waiter};
 pub use parts::{Kind, Timer};
+pub use queue::{
+    QueueClaim, QueueItem, QueueWaiter, WorkQueue, MAX_ITEM_LEN, MAX_QUEUE_BYTES, MAX_QUEUE_ITEMS,
+    MAX_QUEUE_WAITERS,
+};
 pub use semaphore::{SemHolder, SemWaiter, Semaphore, AGING_MS, MAX_CAPACITY, MAX_PRIORITY};
 pub use types::*;
 
@@ -97,6 +102,10 @@ pub struct Sm {
     pub barriers: BTreeMap<String, Barrier>,
     #[serde(default)]
     pub double_barriers: BTreeMap<String, DoubleBarrier>,
+    #[serde(default)]
+    pub elections: BTreeMap<String, Election>,
+    #[serde(default)]
+    pub queues: BTreeMap<String, WorkQueue>,
     /// Changes made by the entries applied since the storage layer last drained them.
     #[serde(skip)]
     events: EventBuf,
@@ -231,6 +240,34 @@ impl Sm {
             Command::RetireNode { node_id } => {
                 self.retired_nodes.insert(*node_id);
                 Response::Done
+            }
+            Command::ElectionCampaign {
+                name,
+                lease_id,
+                value,
+                wait_ms,
+            } => self.election_campaign(index, now, name, *lease_id, value, *wait_ms),
+            Command::ElectionProclaim {
+                name,
+                lease_id,
+                value,
+            } => self.election_proclaim(name, *lease_id, value),
+            Command::ElectionResign { name, lease_id } => {
+                self.election_resign(index, name, *lease_id)
+            }
+            Command::QueuePush {
+                name,
+                item,
+                priority,
+            } => self.queue_push(index, now, name, item, *priority),
+            Command::QueueClaim {
+                name,
+                lease_id,
+                wait_ms,
+            } => self.queue_claim(index, now, name, *lease_id, *wait_ms),
+            Command::QueueAck { name, lease_id, id } => self.queue_ack(name, *lease_id, *id),
+            Command::QueueNack { name, lease_id, id } => {
+                self.queue_nack(index, name, *lease_id, *id)
             }
         }
     }
@@ -444,7 +481,10 @@ mod barrier_tests;
 #[cfg(test)]
 mod condition_tests;
 #[cfg(test)]
+mod election_tests;
+#[cfg(test)]
 mod harness;
+mod queue_tests;
 #[cfg(test)]
 mod rwlock_tests;
 #[cfg(test)]

@@ -133,6 +133,49 @@ pub enum Command {
         parties: Option<u64>,
         wait_ms: u64,
     },
+    /// Become leader of election `name` with `value`, or wait (FIFO) up to `wait_ms` (0: never
+    /// wait) in its candidate line.
+    ElectionCampaign {
+        name: String,
+        lease_id: u64,
+        value: String,
+        wait_ms: u64,
+    },
+    /// The leader replaces its value.
+    ElectionProclaim {
+        name: String,
+        lease_id: u64,
+        value: String,
+    },
+    /// The leader steps down (the next candidate takes over), or a candidate leaves the line.
+    ElectionResign {
+        name: String,
+        lease_id: u64,
+    },
+    /// Add an item to work queue `name`; its id is this entry's index. `priority` 0..=9.
+    QueuePush {
+        name: String,
+        item: String,
+        priority: u64,
+    },
+    /// Take the next item for `lease_id`, or wait (FIFO) up to `wait_ms` (0: never wait).
+    QueueClaim {
+        name: String,
+        lease_id: u64,
+        wait_ms: u64,
+    },
+    /// The claimant is done with item `id`: it leaves the queue.
+    QueueAck {
+        name: String,
+        lease_id: u64,
+        id: u64,
+    },
+    /// The claimant gives item `id` back: it returns to its place in the queue.
+    QueueNack {
+        name: String,
+        lease_id: u64,
+        id: u64,
+    },
 }
 
 impl Command {
@@ -156,6 +199,13 @@ impl Command {
             Command::BarrierWait { .. } => "barrier_wait",
             Command::DoubleBarrierEnter { .. } => "double_barrier_enter",
             Command::DoubleBarrierLeave { .. } => "double_barrier_leave",
+            Command::ElectionCampaign { .. } => "election_campaign",
+            Command::ElectionProclaim { .. } => "election_proclaim",
+            Command::ElectionResign { .. } => "election_resign",
+            Command::QueuePush { .. } => "queue_push",
+            Command::QueueClaim { .. } => "queue_claim",
+            Command::QueueAck { .. } => "queue_ack",
+            Command::QueueNack { .. } => "queue_nack",
         }
     }
 }
@@ -178,6 +228,8 @@ pub enum ErrorCode {
     NoLeader,
     Unavailable,
     Deadlock,
+    /// A bounded resource (queue size, candidate or claimer line) is full.
+    ResourceExhausted,
 }
 
 impl ErrorCode {
@@ -197,6 +249,7 @@ impl ErrorCode {
             ErrorCode::NoLeader => "no_leader",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Deadlock => "deadlock",
+            ErrorCode::ResourceExhausted => "resource_exhausted",
         }
     }
 }
@@ -277,6 +330,57 @@ pub enum Response {
     SemReleased {
         /// Leases granted permits in the same step, in grant order.
         granted: Vec<u64>,
+    },
+    /// `leader` leads the election since `since_ms` with `value`; `token` is the index of the
+    /// entry that elected it.
+    Elected {
+        leader: u64,
+        value: String,
+        token: u64,
+        since_ms: u64,
+    },
+    /// The lease waits in the candidate line; `position` 1 is next.
+    ElectionQueued {
+        position: u64,
+    },
+    Proclaimed {
+        token: u64,
+    },
+    Resigned {
+        /// false: a candidate left the line.
+        was_leader: bool,
+        /// The candidate elected in the same step, and its token.
+        next_leader: Option<u64>,
+        token: Option<u64>,
+    },
+    QueuePushed {
+        id: u64,
+        /// The waiting claimer it was handed to in the same step.
+        claimed_by: Option<u64>,
+    },
+    QueueClaimed {
+        id: u64,
+        item: String,
+        priority: u64,
+        pushed_ms: u64,
+        /// How many times it has been claimed, this time included.
+        claims: u64,
+        /// Index of the entry that handed it out.
+        token: u64,
+    },
+    /// The claimer waits in line (`position` 1 is next); `ticket` names the wait: the item
+    /// handed to it carries the same ticket.
+    QueueWaiting {
+        position: u64,
+        ticket: u64,
+    },
+    QueueAcked {
+        id: u64,
+    },
+    QueueReturned {
+        id: u64,
+        /// The waiting claimer it was handed to in the same step.
+        claimed_by: Option<u64>,
     },
     Rejected(Rejection),
     /// Parked on the condition; `released_token` is the token of the hold given up (0 when a
