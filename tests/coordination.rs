@@ -102,14 +102,8 @@ async fn a_wait_that_would_deadlock_is_refused_with_the_cycle_and_conflicts_show
     let c = TestCluster::start(3).await;
     c.wait_leader().await;
     let cl = c.client_all();
-    let a = cl
-        .lease_grant(60_000, Some("agent-a".into()))
-        .await
-        .unwrap();
-    let b = cl
-        .lease_grant(60_000, Some("agent-b".into()))
-        .await
-        .unwrap();
+    let a = cl.lease_grant(60_000, Some("agent-a")).await.unwrap();
+    let b = cl.lease_grant(60_000, Some("agent-b")).await.unwrap();
     cl.lock_acquire("x", a, 0).await.unwrap();
     cl.lock_acquire("y", b, 0).await.unwrap();
     let ca = c.client_all();

@@ -196,7 +196,7 @@ pub(super) fn conflicts_json(sm: &Sm) -> Value {
         let longest = s.queue.iter().map(|w| now.saturating_sub(w.since_ms)).max();
         resources.push((longest.unwrap_or(0), json!({"resource": format!("semaphore:{name}"), "capacity": s.capacity, "free": s.free(), "holders": holders, "waiters": waiters, "longest_wait_ms": longest})));
     }
-    resources.sort_by(|a, b| b.0.cmp(&a.0));
+    resources.sort_by_key(|r| std::cmp::Reverse(r.0));
     let resources: Vec<Value> = resources.into_iter().map(|(_, v)| v).collect();
     json!({
         "revision": sm.index,

@@ -68,11 +68,7 @@ struct Filter {
 
 impl Filter {
     fn wants(&self, e: &Event) -> bool {
-        e.name.starts_with(&self.prefix)
-            && self
-                .types
-                .as_ref()
-                .is_none_or(|t| t.iter().any(|x| *x == e.kind))
+        e.name.starts_with(&self.prefix) && self.types.as_ref().is_none_or(|t| t.contains(&e.kind))
     }
 }
 

@@ -1,4 +1,5 @@
-//! Checkers for chaos-run histories: register linearizability, lock safety, semaphore capacity.
+//! Checkers for chaos-run histories: register linearizability, lock safety, semaphore capacity,
+//! barrier releases.
 //!
 //! Purpose: decide, from a paired history alone (`crate::chaos::history`), whether the cluster
 //! broke a promise. Every checker is pure, deterministic (keys are visited in `BTreeMap` order)
@@ -79,8 +80,33 @@
 //! is guaranteed alive (its grant's invoke plus the TTL; the cluster stamps the deadline later
 //! than that). A client acting past it holds nothing; fencing, not the permit, protects that.
 //!
+//! # Barriers ([`check_barriers`], per name)
+//! An Ok wait of generation `g` (in `value`, with the release token in `token` and the parties
+//! in `capacity`) proves two things about its lease: it arrived in `g` by a log entry created
+//! after the wait's invoke and no later than the releasing entry (the arrival itself, or a
+//! resume of a wait the lease had open in `g`), and its answer came after the releasing entry
+//! was committed. That holds whatever the Info ops did (an unknown arrival can only add parties
+//! the history does not show), provided the client never names a `generation` nor reuses a
+//! `request_id` across operations: a plain wait after a release is an arrival in a later
+//! generation. So every rule below speaks of Ok waits only, and each one is definite; all of them
+//! are [`BARRIER_RELEASE`] violations, with the message naming the rule:
+//! - a generation has at most `parties` Ok waits, and they all name the same `parties` (an
+//!   arrival naming another count is refused while anyone waits); generations start at 1;
+//! - all Ok waits of a generation carry the same token (the releasing entry's index), and tokens
+//!   strictly increase with the generation;
+//! - all-or-nothing in real time: within a generation, no Ok wait completed before another Ok
+//!   wait of the same generation was invoked (nobody was released before the last of them
+//!   arrived). For a generation with all `parties` Ok waits this is exactly "every party was
+//!   invoked before any was released"; with fewer, the missing parties are unknown (Info, or
+//!   not recorded) and nothing is said about them. Touching times count as concurrent;
+//! - generations increase in real time: an Ok wait invoked after another Ok wait completed has a
+//!   greater generation (in particular, one process's Ok waits have strictly increasing
+//!   generations). An older generation is reported here; the same generation is the
+//!   all-or-nothing rule's finding.
+//!
 //! Malformed input the checkers cannot judge (an Ok acquire without token, an Ok fenced write
-//! without token or revision, a semaphore with no capacity) is reported as [`HISTORY_MALFORMED`].
+//! without token or revision, a semaphore with no capacity, an Ok barrier wait without
+//! generation, token or parties) is reported as [`HISTORY_MALFORMED`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -100,6 +126,7 @@ pub const LOCK_FENCED_ORDER: &str = "lock-fenced-order";
 pub const LOCK_REVISION_ORDER: &str = "lock-revision-order";
 pub const LOCK_UNKNOWN_TOKEN: &str = "lock-unknown-token";
 pub const SEMAPHORE_CAPACITY: &str = "semaphore-capacity";
+pub const BARRIER_RELEASE: &str = "barrier-release";
 pub const HISTORY_MALFORMED: &str = "history-malformed";
 
 /// One finding of one checker, with the ops that prove it.
@@ -133,6 +160,7 @@ pub fn check_all(h: &History) -> Result<Vec<Violation>, String> {
     let mut out = check_register(&ops);
     out.extend(check_locks(&ops));
     out.extend(check_semaphores(&ops));
+    out.extend(check_barriers(&ops));
     Ok(out)
 }
 
@@ -149,6 +177,10 @@ fn describe(o: &Operation) -> String {
         ),
         OpKind::SemAcquire => "sem acquire".to_string(),
         OpKind::SemRelease => "sem release".to_string(),
+        OpKind::BarrierWait => format!(
+            "barrier wait (parties {:?}, generation {:?}, token {:?})",
+            o.capacity, o.value, o.token
+        ),
     };
     let done = match o.complete_ns {
         Some(c) => format!("{c}"),
@@ -949,6 +981,204 @@ fn check_semaphore(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Barriers
+// ---------------------------------------------------------------------------------------------
+
+/// Barrier releases per name: all-or-nothing, one token per generation, generations and tokens
+/// in order. See the module docs.
+pub fn check_barriers(ops: &[Operation]) -> Vec<Violation> {
+    let mut by_key: BTreeMap<&str, Vec<&Operation>> = BTreeMap::new();
+    for o in ops.iter().filter(|o| o.op == OpKind::BarrierWait) {
+        by_key.entry(o.key.as_str()).or_default().push(o);
+    }
+    let mut out = Vec::new();
+    for (key, kops) in by_key {
+        check_barrier(key, &kops, &mut out);
+    }
+    out
+}
+
+/// An Ok barrier wait with every field the rules need.
+#[derive(Clone, Copy)]
+struct Pass<'a> {
+    generation: u64,
+    token: u64,
+    parties: u64,
+    invoke: u64,
+    complete: u64,
+    op: &'a Operation,
+}
+
+fn check_barrier(key: &str, kops: &[&Operation], out: &mut Vec<Violation>) {
+    let mut passes: Vec<Pass> = Vec::new();
+    for &o in kops.iter().filter(|o| o.outcome == Kind::Ok) {
+        let (Some(g), Some(token), Some(parties), Some(complete)) =
+            (o.value, o.token, o.capacity, o.complete_ns)
+        else {
+            out.push(Violation::new(
+                HISTORY_MALFORMED,
+                format!(
+                    "barrier {key:?}: ok wait without generation, token or parties: {}",
+                    describe(o)
+                ),
+                vec![o.clone()],
+            ));
+            continue;
+        };
+        if g < 1 {
+            out.push(Violation::new(
+                BARRIER_RELEASE,
+                format!(
+                    "barrier {key:?}: released generation {g}, but generations start at 1: {}",
+                    describe(o)
+                ),
+                vec![o.clone()],
+            ));
+            continue;
+        }
+        passes.push(Pass {
+            generation: g as u64,
+            token,
+            parties,
+            invoke: o.invoke_ns,
+            complete,
+            op: o,
+        });
+    }
+    let mut by_gen: BTreeMap<u64, Vec<Pass>> = BTreeMap::new();
+    for p in &passes {
+        by_gen.entry(p.generation).or_default().push(*p);
+    }
+    let ops_of = |ps: &[Pass]| -> Vec<Operation> { ps.iter().map(|p| p.op.clone()).collect() };
+
+    // Per generation: parties, count, one token, all-or-nothing in real time.
+    let mut prev_token: Option<(u64, Pass)> = None;
+    for (&g, ps) in &by_gen {
+        let counts: BTreeSet<u64> = ps.iter().map(|p| p.parties).collect();
+        if counts.len() > 1 {
+            out.push(Violation::new(
+                BARRIER_RELEASE,
+                format!(
+                    "barrier {key:?} generation {g}: ok waits named different parties {counts:?} \
+                     (one generation has one count)"
+                ),
+                ops_of(ps),
+            ));
+        }
+        let parties = counts.iter().copied().max().unwrap_or(0);
+        if ps.len() as u64 > parties {
+            out.push(Violation::new(
+                BARRIER_RELEASE,
+                format!(
+                    "barrier {key:?} generation {g}: {} ok waits, more than its {parties} parties",
+                    ps.len()
+                ),
+                ops_of(ps),
+            ));
+        }
+        let tokens: BTreeSet<u64> = ps.iter().map(|p| p.token).collect();
+        if tokens.len() > 1 {
+            out.push(Violation::new(
+                BARRIER_RELEASE,
+                format!(
+                    "barrier {key:?} generation {g}: ok waits carry different tokens {tokens:?} \
+                     (one release, one token)"
+                ),
+                ops_of(ps),
+            ));
+        }
+        // The latest invoke against the earliest completion: every Ok wait of `g` arrived before
+        // the release and was answered after it.
+        let last_in = ps.iter().max_by_key(|p| (p.invoke, p.op.process)).copied();
+        let first_out = ps
+            .iter()
+            .min_by_key(|p| (p.complete, p.op.process))
+            .copied();
+        if let (Some(a), Some(b)) = (last_in, first_out) {
+            if b.complete < a.invoke && a.op.process == b.op.process {
+                out.push(Violation::new(
+                    BARRIER_RELEASE,
+                    format!(
+                        "barrier {key:?} generation {g}: process p{} passed it twice (answered at \
+                         {} ns, then again for a wait invoked at {} ns)",
+                        a.op.process, b.complete, a.invoke
+                    ),
+                    vec![b.op.clone(), a.op.clone()],
+                ));
+            } else if b.complete < a.invoke {
+                let full = if ps.len() as u64 == parties {
+                    format!("all {parties} parties are ok")
+                } else {
+                    format!("{} ok waits, {parties} parties", ps.len())
+                };
+                out.push(Violation::new(
+                    BARRIER_RELEASE,
+                    format!(
+                        "barrier {key:?} generation {g} ({full}): p{} was released at {} ns, \
+                         before p{} invoked its wait at {} ns (released before every party \
+                         arrived)",
+                        b.op.process, b.complete, a.op.process, a.invoke
+                    ),
+                    vec![b.op.clone(), a.op.clone()],
+                ));
+            }
+        }
+        // Tokens strictly increase with the generation (compare with the smallest token here).
+        let low = ps.iter().min_by_key(|p| p.token).copied();
+        if let (Some((pg, pp)), Some(low)) = (prev_token, low) {
+            if low.token <= pp.token {
+                out.push(Violation::new(
+                    BARRIER_RELEASE,
+                    format!(
+                        "barrier {key:?}: generation {g} has token {} but the earlier generation \
+                         {pg} has token {} (tokens must increase with the generation)",
+                        low.token, pp.token
+                    ),
+                    vec![pp.op.clone(), low.op.clone()],
+                ));
+            }
+        }
+        if let Some(high) = ps.iter().max_by_key(|p| p.token) {
+            prev_token = Some((g, *high));
+        }
+    }
+
+    // Generations in real time: sweep the invokes, knowing the highest generation among the
+    // waits completed strictly earlier.
+    let mut by_complete: Vec<Pass> = passes.clone();
+    by_complete.sort_by_key(|p| (p.complete, p.op.process));
+    let mut by_invoke: Vec<Pass> = passes;
+    by_invoke.sort_by_key(|p| (p.invoke, p.op.process));
+    let mut done = by_complete.iter().peekable();
+    let mut top: Option<Pass> = None;
+    for y in &by_invoke {
+        while let Some(x) = done.next_if(|x| x.complete < y.invoke) {
+            if top.is_none_or(|t| x.generation > t.generation) {
+                top = Some(*x);
+            }
+        }
+        let Some(x) = top else { continue };
+        // Equal generations are the all-or-nothing rule above, already reported.
+        if y.generation < x.generation {
+            let who = if x.op.process == y.op.process {
+                format!("process p{}", y.op.process)
+            } else {
+                format!("p{} after p{}", y.op.process, x.op.process)
+            };
+            out.push(Violation::new(
+                BARRIER_RELEASE,
+                format!(
+                    "barrier {key:?}: {who}: a wait invoked at {} ns passed generation {}, \
+                     older than generation {} released to a wait completed at {} ns",
+                    y.invoke, y.generation, x.generation, x.complete
+                ),
+                vec![x.op.clone(), y.op.clone()],
+            ));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1030,6 +1260,22 @@ mod tests {
     }
     fn srel(p: u64, inv: u64, comp: u64) -> Operation {
         base(p, OpKind::SemRelease, "S", inv, comp)
+    }
+    /// An Ok wait at barrier "B" of 3 parties that passed generation `g` with token `token`.
+    fn bw(p: u64, g: i64, token: u64, inv: u64, comp: u64) -> Operation {
+        Operation {
+            capacity: Some(3),
+            value: Some(g),
+            token: Some(token),
+            ..base(p, OpKind::BarrierWait, "B", inv, comp)
+        }
+    }
+    /// A wait without a known release (for `fail` and `info`).
+    fn bw_open(p: u64, inv: u64, comp: u64) -> Operation {
+        Operation {
+            capacity: Some(3),
+            ..base(p, OpKind::BarrierWait, "B", inv, comp)
+        }
     }
     fn names(v: &[Violation]) -> Vec<&str> {
         v.iter().map(|v| v.checker.as_str()).collect()
@@ -1760,6 +2006,190 @@ mod tests {
         a.valid_until_ns = Some(45);
         let ops = vec![a, sacq(2, 1, 20, 40), srel(1, 50, 60)];
         assert_eq!(names(&check_semaphores(&ops)), vec![SEMAPHORE_CAPACITY]);
+    }
+
+    // ----- barriers -----
+
+    #[test]
+    fn barrier_clean_history_passes() {
+        let ops = vec![
+            // Generation 1: all three parties, overlapping; the release touches p3's invoke.
+            bw(1, 1, 10, 0, 30),
+            bw(2, 1, 10, 5, 31),
+            bw(3, 1, 10, 30, 32),
+            // Generation 2: two ok, the third party's answer was lost (Info): may have been any
+            // lease, at any time.
+            bw(1, 2, 14, 40, 60),
+            bw(2, 2, 14, 45, 61),
+            info(bw_open(3, 35, 0)),
+            // Timeouts and refusals say nothing.
+            fail(bw_open(4, 20, 38)),
+            fail(bw_open(5, 62, 70)),
+            // Generation 3 never shows (all its answers lost); generation 4 with a new process
+            // replacing the retired p3, concurrent with p2's slow generation-2 answer.
+            info(bw_open(6, 65, 0)),
+            bw(7, 4, 30, 58, 90),
+            bw(1, 4, 30, 70, 91),
+            bw(2, 4, 30, 75, 92),
+            // A barrier of another name is checked on its own (its generations restart at 1).
+            Operation {
+                key: "other".into(),
+                ..bw(8, 1, 5, 100, 110)
+            },
+        ];
+        let v = check_barriers(&ops);
+        assert!(v.is_empty(), "{v:#?}");
+        // check_all runs it too.
+        let mut h = History::new();
+        for o in &ops {
+            let mut e = Event::new(o.process, Kind::Invoke, o.op, &o.key, o.invoke_ns);
+            e.capacity = o.capacity;
+            h.push(e);
+        }
+        for o in &ops {
+            let mut e = Event::new(o.process, o.outcome, o.op, &o.key, 0);
+            e.value = o.value;
+            e.token = o.token;
+            match o.complete_ns {
+                Some(c) => e.time_ns = c,
+                None => continue,
+            }
+            h.push(e);
+        }
+        // Processes complete in recorded order: sort by time, completions after invokes at ties.
+        h.events
+            .sort_by_key(|e| (e.time_ns, e.kind != Kind::Invoke));
+        assert!(check_all(&h).unwrap().is_empty());
+    }
+
+    #[test]
+    fn barrier_more_oks_than_parties_flagged() {
+        let ops = vec![
+            bw(1, 1, 10, 0, 30),
+            bw(2, 1, 10, 0, 30),
+            bw(3, 1, 10, 0, 30),
+            bw(4, 1, 10, 0, 30),
+        ];
+        let v = check_barriers(&ops);
+        assert_eq!(names(&v), vec![BARRIER_RELEASE]);
+        assert!(
+            v[0].message.contains("4 ok waits, more than its 3"),
+            "{v:#?}"
+        );
+        assert_eq!(v[0].ops, ops);
+        // Mismatched parties within one generation.
+        let mut odd = bw(3, 1, 10, 0, 30);
+        odd.capacity = Some(2);
+        let v = check_barriers(&[bw(1, 1, 10, 0, 30), bw(2, 1, 10, 0, 30), odd]);
+        assert_eq!(names(&v), vec![BARRIER_RELEASE]);
+        assert!(v[0].message.contains("different parties"), "{v:#?}");
+    }
+
+    #[test]
+    fn barrier_token_rules_flagged() {
+        // One generation, two tokens.
+        let ops = vec![
+            bw(1, 1, 10, 0, 30),
+            bw(2, 1, 10, 0, 30),
+            bw(3, 1, 11, 0, 30),
+        ];
+        let v = check_barriers(&ops);
+        assert_eq!(names(&v), vec![BARRIER_RELEASE]);
+        assert!(v[0].message.contains("different tokens"), "{v:#?}");
+        // A later generation with a token not above the earlier one's (equal, then lower).
+        for t in [10, 7] {
+            let ops = vec![bw(1, 1, 10, 0, 30), bw(2, 3, t, 40, 50)];
+            let v = check_barriers(&ops);
+            assert_eq!(names(&v), vec![BARRIER_RELEASE], "{v:#?}");
+            assert!(v[0].message.contains("tokens must increase"), "{v:#?}");
+            assert_eq!(v[0].ops, ops);
+        }
+    }
+
+    #[test]
+    fn barrier_released_before_last_party_arrived_flagged() {
+        // All three parties ok, but p1 was answered before p3 had even invoked its wait.
+        let ops = vec![
+            bw(1, 1, 10, 0, 20),
+            bw(2, 1, 10, 5, 40),
+            bw(3, 1, 10, 25, 40),
+        ];
+        let v = check_barriers(&ops);
+        assert_eq!(names(&v), vec![BARRIER_RELEASE]);
+        assert!(v[0].message.contains("all 3 parties are ok"), "{v:#?}");
+        assert!(v[0].message.contains("released before every party"));
+        assert_eq!(v[0].ops, vec![ops[0].clone(), ops[2].clone()]);
+        // The same with the third party unknown: the two ok waits alone prove it (an ok wait
+        // arrived before the release and was answered after it, whatever the Info did).
+        let ops = vec![
+            bw(1, 1, 10, 0, 20),
+            bw(2, 1, 10, 25, 40),
+            info(bw_open(3, 0, 0)),
+        ];
+        let v = check_barriers(&ops);
+        assert_eq!(names(&v), vec![BARRIER_RELEASE]);
+        assert!(v[0].message.contains("2 ok waits, 3 parties"), "{v:#?}");
+        // Overlapping (and touching) intervals are fine.
+        let ops = vec![
+            bw(1, 1, 10, 0, 25),
+            bw(2, 1, 10, 5, 40),
+            bw(3, 1, 10, 25, 40),
+        ];
+        assert!(check_barriers(&ops).is_empty());
+    }
+
+    #[test]
+    fn barrier_generations_against_real_time_flagged() {
+        // One process: generation 1 after it had passed generation 2.
+        let ops = vec![
+            bw(1, 2, 9, 0, 10),
+            bw(2, 2, 9, 0, 10),
+            bw(3, 2, 9, 0, 10),
+            bw(4, 1, 5, 5, 35),
+            bw(5, 1, 5, 5, 35),
+            bw(1, 1, 5, 20, 30),
+        ];
+        let v = check_barriers(&ops);
+        assert_eq!(names(&v), vec![BARRIER_RELEASE]);
+        assert!(v[0].message.contains("process p1"), "{v:#?}");
+        assert_eq!(v[0].ops, vec![ops[0].clone(), ops[5].clone()]);
+        // One process passing the same generation twice.
+        let ops = vec![bw(1, 1, 5, 0, 10), bw(2, 1, 5, 0, 10), bw(1, 1, 5, 20, 30)];
+        let v = check_barriers(&ops);
+        assert_eq!(names(&v), vec![BARRIER_RELEASE]);
+        assert!(v[0].message.contains("p1 passed it twice"), "{v:#?}");
+        // Across processes: p4 invoked after generation 3 was released to p1, yet passed 2.
+        let ops = vec![
+            bw(1, 3, 12, 0, 10),
+            bw(2, 3, 12, 0, 10),
+            bw(3, 3, 12, 0, 10),
+            bw(5, 2, 9, 5, 30),
+            bw(6, 2, 9, 5, 30),
+            bw(4, 2, 9, 20, 30),
+        ];
+        let v = check_barriers(&ops);
+        assert_eq!(names(&v), vec![BARRIER_RELEASE]);
+        assert!(v[0].message.contains("p4 after p1"), "{v:#?}");
+        // p5 and p6 were concurrent with generation 3's release: either order is possible.
+        let ops = vec![bw(1, 3, 12, 0, 10), bw(5, 2, 9, 5, 30), bw(6, 2, 9, 10, 30)];
+        assert!(check_barriers(&ops).is_empty());
+    }
+
+    #[test]
+    fn barrier_malformed_and_generation_zero_flagged() {
+        let mut no_token = bw(1, 1, 10, 0, 30);
+        no_token.token = None;
+        let mut no_parties = bw(2, 1, 10, 0, 30);
+        no_parties.capacity = None;
+        let no_generation = bw_open(3, 0, 30);
+        let v = check_barriers(&[no_token, no_parties, no_generation]);
+        assert_eq!(
+            names(&v),
+            vec![HISTORY_MALFORMED, HISTORY_MALFORMED, HISTORY_MALFORMED]
+        );
+        let v = check_barriers(&[bw(1, 0, 10, 0, 30)]);
+        assert_eq!(names(&v), vec![BARRIER_RELEASE]);
+        assert!(v[0].message.contains("start at 1"), "{v:#?}");
     }
 
     #[test]

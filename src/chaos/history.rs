@@ -55,6 +55,9 @@ pub enum OpKind {
     SemAcquire,
     /// Give back the permit of the semaphore named `key`.
     SemRelease,
+    /// Wait at the barrier named `key` (of `capacity` parties); `ok` carries the released
+    /// generation in `value` and the release token in `token`.
+    BarrierWait,
 }
 
 /// One line of the history file.
@@ -66,19 +69,21 @@ pub struct Event {
     pub op: OpKind,
     /// Register key, or lock / semaphore name.
     pub key: String,
-    /// Write/FencedWrite: value written; Read ok: value read (`None` = key absent); Cas: new value.
+    /// Write/FencedWrite: value written; Read ok: value read (`None` = key absent); Cas: new value;
+    /// BarrierWait ok: the generation released.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<i64>,
     /// Cas: expected old value (`None` = expected absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected: Option<i64>,
-    /// Acquire ok: granted token; FencedWrite: token used.
+    /// Acquire ok: granted token; FencedWrite: token used; BarrierWait ok: release token (the
+    /// log index of the releasing entry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<u64>,
     /// FencedWrite/Write ok: revision (log index) the cluster answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<u64>,
-    /// SemAcquire: capacity of the semaphore.
+    /// SemAcquire: capacity of the semaphore; BarrierWait: parties.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<u64>,
     /// SemAcquire: the monotonic time until which the lease is guaranteed alive (the lease
@@ -123,15 +128,16 @@ pub struct Operation {
     pub process: u64,
     pub op: OpKind,
     pub key: String,
-    /// Value written (Write, FencedWrite) or Cas new value, from the invoke.
+    /// Value written (Write, FencedWrite) or Cas new value, from the invoke; BarrierWait: the
+    /// generation released (from the `ok` completion).
     pub value: Option<i64>,
     /// Cas expected value, from the invoke.
     pub expected: Option<i64>,
-    /// Acquire: granted token (from the completion); FencedWrite: token used.
+    /// Acquire, BarrierWait: granted / release token (from the completion); FencedWrite: token used.
     pub token: Option<u64>,
     /// Revision the cluster answered (from the completion).
     pub revision: Option<u64>,
-    /// SemAcquire capacity.
+    /// SemAcquire capacity; BarrierWait parties.
     pub capacity: Option<u64>,
     /// SemAcquire: the hold is void after this time (see `Event::valid_until_ns`).
     pub valid_until_ns: Option<u64>,
@@ -363,6 +369,28 @@ mod tests {
         assert_eq!((ops[3].outcome, ops[3].complete_ns), (Kind::Info, None));
         assert_eq!((ops[4].outcome, ops[4].complete_ns), (Kind::Info, None));
         assert_eq!(ops[4].result_value, None);
+    }
+
+    #[test]
+    fn barrier_wait_round_trips_and_pairs() {
+        let mut h = History::new();
+        let mut inv = ev(4, Kind::Invoke, OpKind::BarrierWait, "b", 10);
+        inv.capacity = Some(3);
+        h.push(inv);
+        let mut done = ev(4, Kind::Ok, OpKind::BarrierWait, "b", 20);
+        done.capacity = Some(3);
+        done.value = Some(2);
+        done.token = Some(41);
+        h.push(done);
+        let s = h.to_jsonl();
+        assert!(s.contains("\"op\":\"barrier_wait\""), "{s}");
+        assert_eq!(History::from_jsonl(&s).unwrap(), h);
+        let ops = h.pair().unwrap();
+        assert_eq!(ops.len(), 1);
+        let o = &ops[0];
+        assert_eq!((o.op, o.outcome), (OpKind::BarrierWait, Kind::Ok));
+        assert_eq!((o.capacity, o.value, o.token), (Some(3), Some(2), Some(41)));
+        assert_eq!((o.invoke_ns, o.complete_ns), (10, Some(20)));
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub enum Workload {
     /// Acquire one permit of a capacity-2 semaphore, hold it briefly, release; checked for
     /// permits in use never exceeding the capacity.
     Semaphore,
+    /// Wait at a barrier of 3 parties, over and over; checked that every generation releases
+    /// all-or-nothing. Needs `--clients` >= 3.
+    Barrier,
     /// A third of the clients each run `register`, `lock` and `semaphore`.
     Mixed,
 }
@@ -791,6 +794,127 @@ async fn semaphore_client(sh: Arc<Shared>, seed: u64) {
 const LOCK_NAME: &str = "chaos-lock";
 const LOCK_WAIT_MS: u64 = 1500;
 
+const BARRIER_NAME: &str = "chaos-barrier";
+/// Parties of every generation; the barrier workload needs at least this many clients.
+pub const BARRIER_PARTIES: u64 = 3;
+const BARRIER_WAIT_MS: u64 = 3000;
+/// Longer than a round's worst case (a keepalive plus a wait: 2 s + 5 s), so a lease kept alive
+/// every round survives a round against a paused node.
+const BARRIER_LEASE_TTL_MS: u64 = 10_000;
+/// Rounds one lease serves before it is revoked and a fresh one granted (a new party joins).
+const BARRIER_LEASE_ROUNDS: u32 = 20;
+
+/// Revoke a lease, ignoring the outcome (it expires anyway).
+async fn revoke_lease(sh: &Shared, addr: &str, lease: u64) {
+    let _ = call(
+        &sh.http,
+        addr,
+        reqwest::Method::DELETE,
+        &format!("/v1/leases/{lease}"),
+        None,
+        OP_TIMEOUT,
+    )
+    .await;
+}
+
+/// One client of the barrier workload: holds a lease (kept alive every round, re-granted when
+/// lost and every [`BARRIER_LEASE_ROUNDS`] rounds) and waits at [`BARRIER_NAME`] with
+/// [`BARRIER_PARTIES`] parties, again and again. Waits never name a `generation` nor carry a
+/// `request_id`, so a wait after a release is always an arrival in a later generation, which is
+/// what the barrier checker relies on. After an `info` the lease may still be waiting (or be
+/// about to arrive): the next process's wait resumes that wait or arrives anew.
+async fn barrier_client(sh: Arc<Shared>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut process = sh.rec.new_process();
+    // The lease, the node that granted it, and the rounds it has served.
+    let mut lease: Option<(u64, String, u32)> = None;
+    while !sh.stop.load(Ordering::Relaxed) {
+        let node = rng.gen_range(0..sh.addrs.len());
+        let (id, addr) = sh.addrs[node].clone();
+        // The lease is not part of the checked history.
+        if let Some((l, granted_by, rounds)) = lease.take() {
+            if rounds >= BARRIER_LEASE_ROUNDS {
+                revoke_lease(&sh, &granted_by, l).await;
+            } else {
+                let kept = call(
+                    &sh.http,
+                    &addr,
+                    reqwest::Method::POST,
+                    &format!("/v1/leases/{l}/keepalive"),
+                    None,
+                    OP_TIMEOUT,
+                )
+                .await;
+                if !matches!(&kept, Outcome::Fail(code) if code == "lease_not_found") {
+                    lease = Some((l, granted_by, rounds));
+                }
+            }
+        }
+        let l = match &mut lease {
+            Some((l, _, rounds)) => {
+                *rounds += 1;
+                *l
+            }
+            None => {
+                match call(
+                    &sh.http,
+                    &addr,
+                    reqwest::Method::POST,
+                    "/v1/leases",
+                    Some(json!({"ttl_ms": BARRIER_LEASE_TTL_MS})),
+                    OP_TIMEOUT,
+                )
+                .await
+                {
+                    Outcome::Ok(v) => {
+                        let l = v["lease_id"].as_u64().unwrap_or(0);
+                        lease = Some((l, addr.clone(), 1));
+                        l
+                    }
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        let mut inv = Event::new(
+            process,
+            Kind::Invoke,
+            OpKind::BarrierWait,
+            BARRIER_NAME,
+            sh.rec.now(),
+        );
+        inv.node = Some(id);
+        inv.capacity = Some(BARRIER_PARTIES);
+        sh.rec.record(inv.clone());
+        let body = json!({"lease_id": l, "parties": BARRIER_PARTIES, "wait_ms": BARRIER_WAIT_MS});
+        let timeout = OP_TIMEOUT + Duration::from_millis(BARRIER_WAIT_MS);
+        let outcome = call(
+            &sh.http,
+            &addr,
+            reqwest::Method::POST,
+            &format!("/v1/barriers/{BARRIER_NAME}/wait"),
+            Some(body),
+            timeout,
+        )
+        .await;
+        let mut done = inv;
+        match &outcome {
+            Outcome::Ok(v) => {
+                done.value = v["generation"].as_i64();
+                done.token = v["token"].as_u64();
+            }
+            Outcome::Fail(code) if code == "lease_not_found" => lease = None,
+            _ => {}
+        }
+        complete(&sh, &mut process, done, &outcome);
+    }
+    if let Some((l, granted_by, _)) = lease {
+        revoke_lease(&sh, &granted_by, l).await;
+    }
+}
+
 async fn lock_client(sh: Arc<Shared>, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut process = sh.rec.new_process();
@@ -1104,6 +1228,14 @@ pub struct Summary {
 }
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
+    if args.workload == Workload::Barrier {
+        anyhow::ensure!(
+            args.clients >= BARRIER_PARTIES as usize,
+            "the barrier workload needs --clients >= {BARRIER_PARTIES} (got {}): every \
+             generation releases only when {BARRIER_PARTIES} clients wait at the barrier",
+            args.clients
+        );
+    }
     let seed = args.seed.unwrap_or_else(rand::random);
     let mut rng = StdRng::seed_from_u64(seed);
     std::fs::create_dir_all(&args.out)?;
@@ -1189,6 +1321,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
             match kind {
                 Workload::Lock => lock_client(s, client_seed).await,
                 Workload::Semaphore => semaphore_client(s, client_seed).await,
+                Workload::Barrier => barrier_client(s, client_seed).await,
                 _ => register_client(s, client_seed).await,
             }
         }));

@@ -165,7 +165,7 @@ fn notify_all_requeues_in_order_and_a_free_lock_is_taken_at_once() {
         ));
     }
     assert_eq!(parked(&h), ids);
-    assert!(h.sm.locks.get("m").is_none());
+    assert!(!h.sm.locks.contains_key("m"));
     assert_eq!(
         notify(&mut h, 50, true),
         Response::CondNotified { woken: ids.clone() }

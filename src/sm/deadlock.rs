@@ -137,8 +137,8 @@ impl Sm {
                     cycle.reverse();
                     return Some(cycle);
                 }
-                if !via.contains_key(&e.waits_for) {
-                    via.insert(e.waits_for, e.clone());
+                if let std::collections::btree_map::Entry::Vacant(v) = via.entry(e.waits_for) {
+                    v.insert(e.clone());
                     todo.push_back(e.waits_for);
                 }
             }

@@ -335,10 +335,10 @@ impl Sm {
         for (id, l) in &self.leases {
             lease_expiry.insert((l.deadline_ms, *id));
             for name in &l.locks {
-                if !self
+                if self
                     .locks
                     .get(name)
-                    .is_some_and(|k| k.hold_of(*id).is_some())
+                    .is_none_or(|k| k.hold_of(*id).is_none())
                 {
                     return Err(format!("lease {id} claims lock {name} it does not hold"));
                 }
@@ -477,6 +477,7 @@ fn lease_not_found(lease_id: u64) -> Response {
     )
 }
 
+#[cfg(test)]
 mod barrier_tests;
 #[cfg(test)]
 mod condition_tests;
@@ -484,6 +485,7 @@ mod condition_tests;
 mod election_tests;
 #[cfg(test)]
 mod harness;
+#[cfg(test)]
 mod queue_tests;
 #[cfg(test)]
 mod rwlock_tests;
