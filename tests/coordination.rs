@@ -180,3 +180,33 @@ async fn a_condition_wait_releases_the_lock_and_returns_holding_it_again() {
     assert_eq!(lock["holder"]["lease_id"], consumer);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_parked_condition_waiter_survives_a_leader_kill_and_wakes_on_the_new_leader() {
+    let mut c = TestCluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let cl = c.client_all();
+    let consumer = cl.lease_grant(60_000, None).await.unwrap();
+    let t0 = cl.lock_acquire("m", consumer, 0).await.unwrap();
+    let cc = c.client_all();
+    let waiting = tokio::spawn(async move { cc.cond_wait("ready", consumer, "m", 30_000).await });
+    wait_for(&cl, "/v1/conditions/ready", |v| {
+        v["waiters"].as_array().is_some_and(|w| w.len() == 1)
+    })
+    .await;
+    c.kill(leader).await;
+    assert_ne!(c.wait_leader().await, leader);
+    let cl = c.client_all();
+    // Still parked on the new leader, and the lock is free.
+    let st = cl.get("/v1/conditions/ready").await.unwrap();
+    assert_eq!(st["waiters"][0]["lease_id"], consumer);
+    let n = cl.cond_notify("ready", false).await.unwrap();
+    assert_eq!(n["woken"], serde_json::json!([consumer]));
+    // The blocked call (its connection may have died with the old leader; the client retries
+    // with the same request_id and resumes) returns holding the lock again.
+    let v = waiting.await.unwrap().unwrap();
+    assert!(v["token"].as_u64().unwrap() > t0);
+    let lock = cl.get("/v1/locks/m").await.unwrap();
+    assert_eq!(lock["holder"]["lease_id"], consumer);
+    c.shutdown().await;
+}
