@@ -13,11 +13,13 @@ DURATION="${DURATION:-60s}"
 NODES="${NODES:-3}"
 SEED="${SEED:-$RANDOM}"
 fail=0
-for workload in register lock semaphore mixed; do
+for workload in register lock semaphore lease barrier mixed; do
   for nemesis in kill pause partition mixed; do
     out="chaos-out/$workload-$nemesis"
     rm -rf "$out"
-    if ! "$BIN" chaos --nodes "$NODES" --workload "$workload" --nemesis "$nemesis" \
+    # mixed: 15 clients are three of each kind (the barrier clients are its parties).
+    clients=6; [ "$workload" = mixed ] && clients=15
+    if ! "$BIN" chaos --nodes "$NODES" --workload "$workload" --nemesis "$nemesis" --clients "$clients" \
         --duration "$DURATION" --seed "$SEED" --out "$out"; then
       echo "VIOLATION: $workload / $nemesis (seed $SEED, see $out)"
       fail=1

@@ -67,6 +67,17 @@
 //!   revision (otherwise the revisions the previous rule relies on are wrong);
 //! - [`LOCK_UNKNOWN_TOKEN`]: an Ok fenced write used a token no Ok acquire returned; skipped when
 //!   the lock has an Info acquire, which may have granted any token.
+//! - [`LOCK_STALE_TOKEN`]: an Ok fenced write with token `t` was accepted at revision `r` although
+//!   an Ok acquire was granted token `t2` with `t < t2 < r`: at `r` the lock belonged to `t2` or a
+//!   later grant, so `t` was stale and the fence had to refuse it (tokens and revisions are both
+//!   log indexes, so this needs no clock);
+//! - [`LOCK_LEASE_HOLD`]: a hold ended before its lease could have expired. An Ok acquire with
+//!   `valid_until_ns` (the lease grant's invoke plus its TTL) holds the lock until then unless
+//!   a release carrying its token was invoked first. Flagged: another Ok acquire with a larger
+//!   token completed inside that window, or a fenced write with the hold's token failed with
+//!   `fenced` inside it (the cluster dropped the hold early: a lease expired too soon, or a
+//!   grant went to someone else). Windows shrink by [`CLOCK_MARGIN_NS`], because the cluster
+//!   stamps times in whole milliseconds.
 //!
 //! # Semaphores ([`check_semaphores`], per name)
 //! A process definitely holds a permit from the completion of its Ok acquire until the invoke of
@@ -125,6 +136,8 @@ pub const LOCK_TOKEN_ORDER: &str = "lock-token-order";
 pub const LOCK_FENCED_ORDER: &str = "lock-fenced-order";
 pub const LOCK_REVISION_ORDER: &str = "lock-revision-order";
 pub const LOCK_UNKNOWN_TOKEN: &str = "lock-unknown-token";
+pub const LOCK_STALE_TOKEN: &str = "lock-stale-token";
+pub const LOCK_LEASE_HOLD: &str = "lock-lease-hold";
 pub const SEMAPHORE_CAPACITY: &str = "semaphore-capacity";
 pub const BARRIER_RELEASE: &str = "barrier-release";
 pub const HISTORY_MALFORMED: &str = "history-malformed";
@@ -851,6 +864,121 @@ fn check_lock(key: &str, kops: &[&Operation], out: &mut Vec<Violation>) {
             }
         }
     }
+
+    // (e) A stale token is refused once a later grant exists.
+    let granted: BTreeSet<u64> = acquires.iter().map(|&(t, _)| t).collect();
+    for &(r, t, w) in &writes {
+        if let Some(&t2) = granted.range(t + 1..r).next() {
+            let a = by_token[&t2][0];
+            out.push(Violation::new(
+                LOCK_STALE_TOKEN,
+                format!(
+                    "lock {key:?}: {} was accepted at revision {r} although token {t2} was \
+                     granted at index {t2} before it: {}",
+                    describe(w),
+                    describe(a)
+                ),
+                vec![a.clone(), w.clone()],
+            ));
+        }
+    }
+
+    check_lease_holds(key, kops, &acquires, out);
+}
+
+/// Slack for clock comparisons between the history (nanoseconds) and the cluster's lease
+/// deadlines (stamped in whole milliseconds by the leader).
+pub const CLOCK_MARGIN_NS: u64 = 5_000_000;
+
+/// (f) [`LOCK_LEASE_HOLD`]: holds end no earlier than their release or their lease's guaranteed life.
+fn check_lease_holds(
+    key: &str,
+    kops: &[&Operation],
+    acquires: &[(u64, &Operation)],
+    out: &mut Vec<Violation>,
+) {
+    // First release invoke per token.
+    let mut released: HashMap<u64, u64> = HashMap::new();
+    for o in kops.iter().filter(|o| o.op == OpKind::Release) {
+        if let Some(t) = o.token {
+            let e = released.entry(t).or_insert(o.invoke_ns);
+            *e = (*e).min(o.invoke_ns);
+        }
+    }
+    // Guaranteed windows: (token, window end, acquire).
+    let mut holds: Vec<(u64, u64, &Operation)> = Vec::new();
+    for &(t, a) in acquires {
+        let (Some(v), Some(_)) = (a.valid_until_ns, a.complete_ns) else {
+            continue;
+        };
+        let end = released
+            .get(&t)
+            .map_or(v, |&r| r.min(v))
+            .saturating_sub(CLOCK_MARGIN_NS);
+        holds.push((t, end, a));
+    }
+    if holds.is_empty() {
+        return;
+    }
+    // Earliest completion among acquires with a token above each token: a suffix minimum over
+    // acquires sorted by token.
+    let mut sorted: Vec<(u64, u64, &Operation)> = acquires
+        .iter()
+        .filter_map(|&(t, o)| o.complete_ns.map(|c| (t, c, o)))
+        .collect();
+    sorted.sort_by_key(|&(t, c, _)| (t, c));
+    let mut suffix: Vec<Option<(u64, &Operation)>> = vec![None; sorted.len() + 1];
+    for i in (0..sorted.len()).rev() {
+        let (_, c, o) = sorted[i];
+        suffix[i] = match suffix[i + 1] {
+            Some((c2, o2)) if c2 <= c => Some((c2, o2)),
+            _ => Some((c, o)),
+        };
+    }
+    for &(t, end, a) in &holds {
+        let first_above = sorted.partition_point(|&(t2, _, _)| t2 <= t);
+        if let Some((c, b)) = suffix[first_above] {
+            if c < end {
+                out.push(Violation::new(
+                    LOCK_LEASE_HOLD,
+                    format!(
+                        "lock {key:?}: {} was granted while {} still held the lock (its lease \
+                         was alive until at least {} ns and it had not released)",
+                        describe(b),
+                        describe(a),
+                        a.valid_until_ns.unwrap_or(0)
+                    ),
+                    vec![a.clone(), b.clone()],
+                ));
+            }
+        }
+    }
+    let window: HashMap<u64, (u64, &Operation)> =
+        holds.iter().map(|&(t, end, a)| (t, (end, a))).collect();
+    for w in kops.iter().filter(|o| {
+        o.op == OpKind::FencedWrite
+            && o.outcome == Kind::Fail
+            && o.error.as_deref() == Some("fenced")
+    }) {
+        let (Some(t), Some(c)) = (w.token, w.complete_ns) else {
+            continue;
+        };
+        if let Some(&(end, a)) = window.get(&t) {
+            if c < end {
+                out.push(Violation::new(
+                    LOCK_LEASE_HOLD,
+                    format!(
+                        "lock {key:?}: {} was refused as fenced while {} still held the lock (its \
+                         lease was alive until at least {} ns and it had not released)",
+                        describe(w),
+                        describe(a),
+                        a.valid_until_ns.unwrap_or(0)
+                    ),
+                    vec![a.clone(), (*w).clone()],
+                ));
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1201,6 +1329,7 @@ mod tests {
             invoke_ns: inv,
             complete_ns: Some(comp),
             result_value: None,
+            error: None,
         }
     }
     fn w(p: u64, key: &str, v: i64, inv: u64, comp: u64) -> Operation {
@@ -1896,8 +2025,10 @@ mod tests {
             fw(1, 10, 14, 45, 65), // the stale holder's write accepted after the newer one
         ];
         let v = check_locks(&ops);
-        assert_eq!(names(&v), vec![LOCK_FENCED_ORDER]);
+        // Also stale: token 12 was granted (index 12) before revision 14.
+        assert_eq!(names(&v), vec![LOCK_FENCED_ORDER, LOCK_STALE_TOKEN]);
         assert_eq!(v[0].ops, vec![ops[2].clone(), ops[3].clone()]);
+        assert_eq!(v[1].ops, vec![ops[1].clone(), ops[3].clone()]);
         // Equal tokens in a row are fine.
         let ops = vec![
             acq(1, 10, 0, 10),
@@ -1905,6 +2036,90 @@ mod tests {
             fw(1, 10, 12, 40, 50),
         ];
         assert!(check_locks(&ops).is_empty());
+    }
+
+    fn hold(o: Operation, valid_until: u64) -> Operation {
+        Operation {
+            valid_until_ns: Some(valid_until),
+            ..o
+        }
+    }
+    fn rel_t(p: u64, token: u64, inv: u64, comp: u64) -> Operation {
+        Operation {
+            token: Some(token),
+            ..rel(p, inv, comp)
+        }
+    }
+    fn fenced(o: Operation) -> Operation {
+        Operation {
+            outcome: Kind::Fail,
+            error: Some("fenced".into()),
+            revision: None,
+            ..o
+        }
+    }
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn locks_stale_token_accepted_after_a_later_grant_flagged() {
+        // p1's lease expired; p2 was granted at index 12 and has not written yet; p1's write
+        // with token 10 is accepted at revision 13: nothing else catches that.
+        let ops = vec![acq(1, 10, 0, 10), acq(2, 12, 20, 30), fw(1, 10, 13, 40, 50)];
+        let v = check_locks(&ops);
+        assert_eq!(names(&v), vec![LOCK_STALE_TOKEN]);
+        assert_eq!(v[0].ops, vec![ops[1].clone(), ops[2].clone()]);
+        // Accepted before the later grant's index: fine (the write came first in the log).
+        let ops = vec![acq(1, 10, 0, 10), fw(1, 10, 11, 12, 25), acq(2, 12, 20, 30)];
+        assert!(check_locks(&ops).is_empty(), "{:#?}", check_locks(&ops));
+    }
+
+    #[test]
+    fn locks_grant_inside_a_guaranteed_lease_hold_flagged() {
+        // p1 holds token 10; its lease lives until 1000 ms at least and it never released.
+        let p1 = hold(acq(1, 10, 0, 10 * MS), 1000 * MS);
+        let early = acq(2, 12, 20 * MS, 500 * MS);
+        let ops = vec![p1.clone(), early.clone()];
+        let v = check_locks(&ops);
+        assert_eq!(names(&v), vec![LOCK_LEASE_HOLD]);
+        assert_eq!(v[0].ops, vec![p1.clone(), early]);
+        // After the lease's guaranteed life: the cluster may expire it.
+        let late = acq(2, 12, 20 * MS, 1001 * MS);
+        assert!(check_locks(&[p1.clone(), late]).is_empty());
+        // After a release was invoked (whatever its outcome): fine.
+        let ops = vec![
+            p1.clone(),
+            info(rel_t(1, 10, 300 * MS, 0)),
+            acq(2, 12, 20 * MS, 500 * MS),
+        ];
+        assert!(check_locks(&ops).is_empty(), "{:#?}", check_locks(&ops));
+        // A release of another token does not end this hold.
+        let ops = vec![
+            p1.clone(),
+            rel_t(1, 9, 300 * MS, 310 * MS),
+            acq(2, 12, 20 * MS, 500 * MS),
+        ];
+        assert_eq!(names(&check_locks(&ops)), vec![LOCK_LEASE_HOLD]);
+        // Without a recorded lease life nothing is inferred.
+        let ops = vec![acq(1, 10, 0, 10 * MS), acq(2, 12, 20 * MS, 500 * MS)];
+        assert!(check_locks(&ops).is_empty());
+    }
+
+    #[test]
+    fn locks_fenced_refusal_inside_a_guaranteed_lease_hold_flagged() {
+        let p1 = hold(acq(1, 10, 0, 10 * MS), 1000 * MS);
+        let refused = fenced(fw(1, 10, 0, 20 * MS, 30 * MS));
+        let v = check_locks(&[p1.clone(), refused.clone()]);
+        assert_eq!(names(&v), vec![LOCK_LEASE_HOLD]);
+        assert_eq!(v[0].ops, vec![p1.clone(), refused]);
+        // Refused after the lease could have expired: the expected outcome of a stale holder.
+        let stale = fenced(fw(1, 10, 0, 1100 * MS, 1110 * MS));
+        assert!(check_locks(&[p1.clone(), stale]).is_empty());
+        // A failure for another reason says nothing about the hold.
+        let other = Operation {
+            error: Some("unavailable".into()),
+            ..fenced(fw(1, 10, 0, 20 * MS, 30 * MS))
+        };
+        assert!(check_locks(&[p1, other]).is_empty());
     }
 
     #[test]

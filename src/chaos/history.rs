@@ -76,8 +76,8 @@ pub struct Event {
     /// Cas: expected old value (`None` = expected absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected: Option<i64>,
-    /// Acquire ok: granted token; FencedWrite: token used; BarrierWait ok: release token (the
-    /// log index of the releasing entry).
+    /// Acquire ok: granted token; FencedWrite: token used; Release: token of the hold it ends;
+    /// BarrierWait ok: release token (the log index of the releasing entry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<u64>,
     /// FencedWrite/Write ok: revision (log index) the cluster answered.
@@ -86,9 +86,10 @@ pub struct Event {
     /// SemAcquire: capacity of the semaphore; BarrierWait: parties.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<u64>,
-    /// SemAcquire: the monotonic time until which the lease is guaranteed alive (the lease
-    /// grant's invoke plus its TTL; the cluster's deadline can only be later). A hold counts no
-    /// longer than this: after it the cluster may expire the lease and hand the permit on.
+    /// SemAcquire, Acquire: the monotonic time until which the lease is guaranteed alive (the
+    /// lease grant's invoke plus its TTL; the cluster's deadline can only be later). A hold
+    /// counts no longer than this: after it the cluster may expire the lease and hand the
+    /// permit or lock on. Before it, only a release ends the hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_until_ns: Option<u64>,
     /// Node the request was sent to.
@@ -139,7 +140,7 @@ pub struct Operation {
     pub revision: Option<u64>,
     /// SemAcquire capacity; BarrierWait parties.
     pub capacity: Option<u64>,
-    /// SemAcquire: the hold is void after this time (see `Event::valid_until_ns`).
+    /// SemAcquire, Acquire: the hold is void after this time (see `Event::valid_until_ns`).
     pub valid_until_ns: Option<u64>,
     /// `Ok`, `Fail` or `Info` (never `Invoke`; an uncompleted invoke is `Info`).
     pub outcome: Kind,
@@ -148,6 +149,9 @@ pub struct Operation {
     pub complete_ns: Option<u64>,
     /// Read `ok`: the value read (`None` = key absent).
     pub result_value: Option<i64>,
+    /// Fail/Info: the error code of the completion.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// A whole run: events in the order the runner recorded them.
@@ -230,6 +234,7 @@ impl History {
                         invoke_ns: e.time_ns,
                         complete_ns: None,
                         result_value: None,
+                        error: None,
                     });
                 }
                 Kind::Ok | Kind::Fail | Kind::Info => {
@@ -261,6 +266,7 @@ impl History {
                     o.revision = e.revision.or(o.revision);
                     o.capacity = o.capacity.or(e.capacity);
                     o.valid_until_ns = o.valid_until_ns.or(e.valid_until_ns);
+                    o.error = e.error.clone();
                     match e.kind {
                         Kind::Info => {
                             retired.insert(e.process);

@@ -33,7 +33,11 @@ pub enum Workload {
     /// Wait at a barrier of 3 parties, over and over; checked that every generation releases
     /// all-or-nothing. Needs `--clients` >= 3.
     Barrier,
-    /// A third of the clients each run `register`, `lock` and `semaphore`.
+    /// Take a short lease and the lock, write fenced by the token, then release or abandon the
+    /// hold and let the lease expire; checked for lock safety and that no hold ends early.
+    Lease,
+    /// Clients take turns at `register`, `lock`, `semaphore`, `lease` and `barrier` (the barrier
+    /// clients wait for each other: parties = their number).
     Mixed,
 }
 
@@ -711,20 +715,8 @@ async fn semaphore_client(sh: Arc<Shared>, seed: u64) {
     while !sh.stop.load(Ordering::Relaxed) {
         let node = rng.gen_range(0..sh.addrs.len());
         let (id, addr) = sh.addrs[node].clone();
-        // The cluster stamps the lease deadline at apply, after this: it lives at least this long.
-        let valid_until = sh.rec.now() + SEM_LEASE_TTL_MS * 1_000_000;
-        let lease = match call(
-            &sh.http,
-            &addr,
-            reqwest::Method::POST,
-            "/v1/leases",
-            Some(json!({"ttl_ms": SEM_LEASE_TTL_MS})),
-            OP_TIMEOUT,
-        )
-        .await
-        {
-            Outcome::Ok(v) => v["lease_id"].as_u64().unwrap_or(0),
-            _ => continue,
+        let Some((lease, valid_until)) = grant_lease(&sh, &addr, SEM_LEASE_TTL_MS).await else {
+            continue;
         };
         let mut inv = Event::new(
             process,
@@ -779,15 +771,7 @@ async fn semaphore_client(sh: Arc<Shared>, seed: u64) {
             .await;
             complete(&sh, &mut process, inv, &outcome);
         }
-        let _ = call(
-            &sh.http,
-            &addr,
-            reqwest::Method::DELETE,
-            &format!("/v1/leases/{lease}"),
-            None,
-            OP_TIMEOUT,
-        )
-        .await;
+        revoke_lease(&sh, &addr, lease).await;
     }
 }
 
@@ -819,11 +803,11 @@ async fn revoke_lease(sh: &Shared, addr: &str, lease: u64) {
 
 /// One client of the barrier workload: holds a lease (kept alive every round, re-granted when
 /// lost and every [`BARRIER_LEASE_ROUNDS`] rounds) and waits at [`BARRIER_NAME`] with
-/// [`BARRIER_PARTIES`] parties, again and again. Waits never name a `generation` nor carry a
+/// `parties` parties, again and again. Waits never name a `generation` nor carry a
 /// `request_id`, so a wait after a release is always an arrival in a later generation, which is
 /// what the barrier checker relies on. After an `info` the lease may still be waiting (or be
 /// about to arrive): the next process's wait resumes that wait or arrives anew.
-async fn barrier_client(sh: Arc<Shared>, seed: u64) {
+async fn barrier_client(sh: Arc<Shared>, seed: u64, parties: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut process = sh.rec.new_process();
     // The lease, the node that granted it, and the rounds it has served.
@@ -886,9 +870,9 @@ async fn barrier_client(sh: Arc<Shared>, seed: u64) {
             sh.rec.now(),
         );
         inv.node = Some(id);
-        inv.capacity = Some(BARRIER_PARTIES);
+        inv.capacity = Some(parties);
         sh.rec.record(inv.clone());
-        let body = json!({"lease_id": l, "parties": BARRIER_PARTIES, "wait_ms": BARRIER_WAIT_MS});
+        let body = json!({"lease_id": l, "parties": parties, "wait_ms": BARRIER_WAIT_MS});
         let timeout = OP_TIMEOUT + Duration::from_millis(BARRIER_WAIT_MS);
         let outcome = call(
             &sh.http,
@@ -915,117 +899,195 @@ async fn barrier_client(sh: Arc<Shared>, seed: u64) {
     }
 }
 
+/// Grant a lease (not part of the checked history: an unknown grant is harmless). Returns the
+/// lease id and the monotonic time until which it is guaranteed alive: the cluster stamps the
+/// deadline at apply, after the invoke, so it lives at least `ttl_ms` from now.
+async fn grant_lease(sh: &Shared, addr: &str, ttl_ms: u64) -> Option<(u64, u64)> {
+    let valid_until = sh.rec.now() + ttl_ms * 1_000_000;
+    match call(
+        &sh.http,
+        addr,
+        reqwest::Method::POST,
+        "/v1/leases",
+        Some(json!({"ttl_ms": ttl_ms})),
+        OP_TIMEOUT,
+    )
+    .await
+    {
+        Outcome::Ok(v) => v["lease_id"].as_u64().map(|l| (l, valid_until)),
+        _ => None,
+    }
+}
+
+/// A recorded acquire of [`LOCK_NAME`] under `lease`; the granted token on success.
+async fn recorded_lock_acquire(
+    sh: &Shared,
+    process: &mut u64,
+    (id, addr): (u64, &str),
+    (lease, valid_until): (u64, u64),
+    wait_ms: u64,
+) -> Option<u64> {
+    let mut inv = Event::new(
+        *process,
+        Kind::Invoke,
+        OpKind::Acquire,
+        LOCK_NAME,
+        sh.rec.now(),
+    );
+    inv.node = Some(id);
+    inv.valid_until_ns = Some(valid_until);
+    sh.rec.record(inv.clone());
+    let body = json!({"lease_id": lease, "wait_ms": wait_ms});
+    let timeout = OP_TIMEOUT + Duration::from_millis(wait_ms);
+    let outcome = call(
+        &sh.http,
+        addr,
+        reqwest::Method::POST,
+        &format!("/v1/locks/{LOCK_NAME}/acquire"),
+        Some(body),
+        timeout,
+    )
+    .await;
+    let mut done = inv;
+    let token = match &outcome {
+        Outcome::Ok(v) => v["token"].as_u64(),
+        _ => None,
+    };
+    done.token = token;
+    complete(sh, process, done, &outcome);
+    token
+}
+
+/// A recorded write of the lock's register fenced by `token`.
+async fn recorded_fenced_write(
+    sh: &Shared,
+    process: &mut u64,
+    (id, addr): (u64, &str),
+    token: u64,
+) {
+    let value = sh.next_value.fetch_add(1, Ordering::Relaxed);
+    let mut inv = Event::new(
+        *process,
+        Kind::Invoke,
+        OpKind::FencedWrite,
+        LOCK_NAME,
+        sh.rec.now(),
+    );
+    inv.value = Some(value);
+    inv.token = Some(token);
+    inv.node = Some(id);
+    sh.rec.record(inv.clone());
+    let body = json!({"value": value.to_string(), "fence": {"lock": LOCK_NAME, "token": token}});
+    let outcome = call(
+        &sh.http,
+        addr,
+        reqwest::Method::PUT,
+        "/v1/kv/chaos-lock-register",
+        Some(body),
+        OP_TIMEOUT,
+    )
+    .await;
+    let mut done = inv;
+    if let Outcome::Ok(v) = &outcome {
+        done.revision = v["revision"].as_u64();
+    }
+    complete(sh, process, done, &outcome);
+}
+
+/// A recorded release of the hold with `token`, then the lease's revoke (not recorded).
+async fn recorded_release_and_revoke(
+    sh: &Shared,
+    process: &mut u64,
+    (id, addr): (u64, &str),
+    lease: u64,
+    token: u64,
+) {
+    let mut inv = Event::new(
+        *process,
+        Kind::Invoke,
+        OpKind::Release,
+        LOCK_NAME,
+        sh.rec.now(),
+    );
+    inv.node = Some(id);
+    inv.token = Some(token);
+    sh.rec.record(inv.clone());
+    let body = json!({"lease_id": lease});
+    let outcome = call(
+        &sh.http,
+        addr,
+        reqwest::Method::POST,
+        &format!("/v1/locks/{LOCK_NAME}/release"),
+        Some(body),
+        OP_TIMEOUT,
+    )
+    .await;
+    complete(sh, process, inv, &outcome);
+    revoke_lease(sh, addr, lease).await;
+}
+
+/// Lease TTL of the lock workload.
+const LOCK_LEASE_TTL_MS: u64 = 3000;
+
 async fn lock_client(sh: Arc<Shared>, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut process = sh.rec.new_process();
     while !sh.stop.load(Ordering::Relaxed) {
         let node = rng.gen_range(0..sh.addrs.len());
         let (id, addr) = sh.addrs[node].clone();
-        // The session is not part of the checked history: an unknown grant is harmless.
-        let lease = match call(
-            &sh.http,
-            &addr,
-            reqwest::Method::POST,
-            "/v1/leases",
-            Some(json!({"ttl_ms": 3000})),
-            OP_TIMEOUT,
-        )
-        .await
-        {
-            Outcome::Ok(v) => v["lease_id"].as_u64().unwrap_or(0),
-            _ => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let Some(lease) = grant_lease(&sh, &addr, LOCK_LEASE_TTL_MS).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
         };
-        let mut inv = Event::new(
-            process,
-            Kind::Invoke,
-            OpKind::Acquire,
-            LOCK_NAME,
-            sh.rec.now(),
-        );
-        inv.node = Some(id);
-        sh.rec.record(inv.clone());
-        let body = json!({"lease_id": lease, "wait_ms": LOCK_WAIT_MS});
-        let timeout = OP_TIMEOUT + Duration::from_millis(LOCK_WAIT_MS);
-        let outcome = call(
-            &sh.http,
-            &addr,
-            reqwest::Method::POST,
-            &format!("/v1/locks/{LOCK_NAME}/acquire"),
-            Some(body),
-            timeout,
-        )
-        .await;
-        let mut done = inv;
-        let token = match &outcome {
-            Outcome::Ok(v) => v["token"].as_u64(),
-            _ => None,
-        };
-        done.token = token;
-        complete(&sh, &mut process, done, &outcome);
-        if let Some(token) = token {
-            let value = sh.next_value.fetch_add(1, Ordering::Relaxed);
-            let mut inv = Event::new(
-                process,
-                Kind::Invoke,
-                OpKind::FencedWrite,
-                LOCK_NAME,
-                sh.rec.now(),
-            );
-            inv.value = Some(value);
-            inv.token = Some(token);
-            inv.node = Some(id);
-            sh.rec.record(inv.clone());
-            let body =
-                json!({"value": value.to_string(), "fence": {"lock": LOCK_NAME, "token": token}});
-            let outcome = call(
-                &sh.http,
-                &addr,
-                reqwest::Method::PUT,
-                "/v1/kv/chaos-lock-register",
-                Some(body),
-                OP_TIMEOUT,
-            )
-            .await;
-            let mut done = inv;
-            if let Outcome::Ok(v) = &outcome {
-                done.revision = v["revision"].as_u64();
+        let at = (id, addr.as_str());
+        let token = recorded_lock_acquire(&sh, &mut process, at, lease, LOCK_WAIT_MS).await;
+        match token {
+            Some(token) => {
+                recorded_fenced_write(&sh, &mut process, at, token).await;
+                recorded_release_and_revoke(&sh, &mut process, at, lease.0, token).await;
             }
-            complete(&sh, &mut process, done, &outcome);
-
-            let mut inv = Event::new(
-                process,
-                Kind::Invoke,
-                OpKind::Release,
-                LOCK_NAME,
-                sh.rec.now(),
-            );
-            inv.node = Some(id);
-            inv.token = Some(token);
-            sh.rec.record(inv.clone());
-            let body = json!({"lease_id": lease});
-            let outcome = call(
-                &sh.http,
-                &addr,
-                reqwest::Method::POST,
-                &format!("/v1/locks/{LOCK_NAME}/release"),
-                Some(body),
-                OP_TIMEOUT,
-            )
-            .await;
-            complete(&sh, &mut process, inv, &outcome);
+            None => revoke_lease(&sh, &addr, lease.0).await,
         }
-        let _ = call(
-            &sh.http,
-            &addr,
-            reqwest::Method::DELETE,
-            &format!("/v1/leases/{lease}"),
-            None,
-            OP_TIMEOUT,
-        )
-        .await;
+    }
+}
+
+/// Lease TTL of the lease workload: short, so that abandoned holds expire often.
+const LEASE_WORKLOAD_TTL_MS: u64 = 2000;
+
+/// The lease workload: like `lock`, but a third of the holders abandon their lock instead of
+/// releasing it: they stop renewing the lease, wait until it must have expired (its TTL, plus up
+/// to 1.5 s), and then try a write fenced by their stale token, which the cluster must refuse
+/// once anyone else was granted the lock. Waiters meanwhile queue behind the abandoned hold and
+/// get the lock when the lease expires. Checked by the lock checker, including that no hold
+/// ends before its lease could have expired ([`check::LOCK_LEASE_HOLD`]).
+async fn lease_client(sh: Arc<Shared>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut process = sh.rec.new_process();
+    while !sh.stop.load(Ordering::Relaxed) {
+        let node = rng.gen_range(0..sh.addrs.len());
+        let (id, addr) = sh.addrs[node].clone();
+        let Some(lease) = grant_lease(&sh, &addr, LEASE_WORKLOAD_TTL_MS).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let at = (id, addr.as_str());
+        let Some(token) = recorded_lock_acquire(&sh, &mut process, at, lease, LOCK_WAIT_MS).await
+        else {
+            revoke_lease(&sh, &addr, lease.0).await;
+            continue;
+        };
+        recorded_fenced_write(&sh, &mut process, at, token).await;
+        if rng.gen_ratio(2, 3) {
+            recorded_release_and_revoke(&sh, &mut process, at, lease.0, token).await;
+            continue;
+        }
+        // Abandon the hold: no keepalive, no release. Wake after the lease's guaranteed life.
+        let now = sh.rec.now();
+        let after = lease.1.saturating_sub(now) + rng.gen_range(0..1_500_000_000);
+        tokio::time::sleep(Duration::from_nanos(after)).await;
+        let node = rng.gen_range(0..sh.addrs.len());
+        let (id, addr) = sh.addrs[node].clone();
+        recorded_fenced_write(&sh, &mut process, (id, &addr), token).await;
     }
 }
 
@@ -1227,6 +1289,15 @@ pub struct Summary {
     pub inconclusive: Vec<String>,
 }
 
+/// The client kinds of the mixed workload, in turn.
+const MIXED: [Workload; 5] = [
+    Workload::Register,
+    Workload::Lock,
+    Workload::Semaphore,
+    Workload::Lease,
+    Workload::Barrier,
+];
+
 pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
     if args.workload == Workload::Barrier {
         anyhow::ensure!(
@@ -1309,20 +1380,27 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
         };
         anyhow::ensure!(created, "could not create the semaphore");
     }
+    let kinds: Vec<Workload> = (0..args.clients.max(1))
+        .map(|i| match args.workload {
+            Workload::Mixed => MIXED[i % MIXED.len()],
+            w => w,
+        })
+        .collect();
+    let parties = match args.workload {
+        Workload::Mixed => kinds.iter().filter(|k| **k == Workload::Barrier).count() as u64,
+        _ => BARRIER_PARTIES,
+    };
     let mut tasks = Vec::new();
-    for i in 0..args.clients.max(1) {
+    for kind in kinds {
         let s = sh.clone();
         let client_seed = rng.gen();
-        let kind = match args.workload {
-            Workload::Mixed => [Workload::Register, Workload::Lock, Workload::Semaphore][i % 3],
-            w => w,
-        };
         tasks.push(tokio::spawn(async move {
             match kind {
                 Workload::Lock => lock_client(s, client_seed).await,
+                Workload::Lease => lease_client(s, client_seed).await,
                 Workload::Semaphore => semaphore_client(s, client_seed).await,
-                Workload::Barrier => barrier_client(s, client_seed).await,
-                _ => register_client(s, client_seed).await,
+                Workload::Barrier => barrier_client(s, client_seed, parties).await,
+                Workload::Register | Workload::Mixed => register_client(s, client_seed).await,
             }
         }));
     }
