@@ -597,6 +597,22 @@ impl Client {
         .await
     }
 
+    /// The cluster's deadlock victim policy (`{"policy", "policies"}`).
+    pub async fn deadlock_policy(&self) -> Result<Value, ClientError> {
+        self.get("/v1/deadlock-policy").await
+    }
+
+    /// Set the deadlock victim policy: `refuse`, `youngest` or `lowest_priority`.
+    pub async fn set_deadlock_policy(&self, policy: &str) -> Result<Value, ClientError> {
+        self.mutate(
+            Method::PUT,
+            "/v1/deadlock-policy",
+            json!({"policy": policy}),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
     pub async fn fence_check(&self, lock: &str, token: u64) -> Result<Value, ClientError> {
         let body = json!({"lock": lock, "token": token});
         self.call(

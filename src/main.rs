@@ -71,6 +71,12 @@ enum Cmd {
         #[arg(long)]
         dot: bool,
     },
+    /// Show the deadlock victim policy, or set it: refuse (the request that closes a cycle
+    /// fails), youngest (the newest lease of the cycle loses its wait) or lowest_priority.
+    DeadlockPolicy {
+        /// The policy to set; without it, print the current one.
+        policy: Option<String>,
+    },
     /// Barriers (wait until N arrive, by generation) and double barriers (enter and leave
     /// together).
     #[command(subcommand)]
@@ -596,16 +602,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         );
                     }
                     for d in v["deadlocks"].as_array().into_iter().flatten() {
-                        human += &format!(
-                            "deadlock refused at index {}: lease {} on {}\n",
-                            d["index"], d["victim"], d["resource"].as_str().unwrap_or("")
-                        );
+                        human += &deadlock_line(d);
                     }
                     if human.is_empty() {
                         human = "nothing is contended".into();
                     }
                     out(v, human.trim_end().to_string());
                 }
+            }
+            Cmd::DeadlockPolicy { policy } => {
+                let v = match policy {
+                    Some(p) => client.set_deadlock_policy(&p).await?,
+                    None => client.deadlock_policy().await?,
+                };
+                let human = v["policy"].as_str().unwrap_or("").to_string();
+                out(v, human);
             }
             Cmd::Barrier(c) => match c {
                 BarrierCmd::Wait { name, lease, parties, wait_ms, generation } => {
@@ -914,6 +925,24 @@ async fn watch(
         }
         endpoint += 1;
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// One line of `concord conflicts` per recent deadlock: a refusal, or a victim's cancelled
+/// wait (records written before victim policies have no `requester`: they are refusals).
+fn deadlock_line(d: &Value) -> String {
+    let resource = d["resource"].as_str().unwrap_or("");
+    match d["requester"].as_u64() {
+        Some(r) if Some(r) != d["victim"].as_u64() => format!(
+            "deadlock at index {}: lease {}'s wait on {resource} cancelled by policy {} (lease {r} proceeds)\n",
+            d["index"],
+            d["victim"],
+            d["policy"].as_str().unwrap_or("")
+        ),
+        _ => format!(
+            "deadlock refused at index {}: lease {} on {resource}\n",
+            d["index"], d["victim"]
+        ),
     }
 }
 

@@ -1,5 +1,6 @@
-//! Read-write locks, condition variables, deadlock refusal and /v1/conflicts over a 3-node
-//! cluster, including a leader kill while a writer waits behind readers.
+//! Read-write locks, condition variables, deadlock refusal, deadlock victim policies and
+//! /v1/conflicts over a 3-node cluster, including a leader kill while a writer waits behind
+//! readers.
 
 mod common;
 
@@ -142,6 +143,100 @@ async fn a_wait_that_would_deadlock_is_refused_with_the_cycle_and_conflicts_show
     let x = cl.get("/v1/locks/x").await.unwrap();
     assert_eq!(x["queue"].as_array().unwrap().len(), 0);
     // b gives up y: a gets it.
+    cl.lock_release("y", b).await.unwrap();
+    assert!(a_waits.await.unwrap().is_ok());
+    c.shutdown().await;
+}
+
+fn cycle_of(body: &serde_json::Value) -> Vec<(u64, u64, String)> {
+    body["cycle"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["lease_id"].as_u64().unwrap(),
+                e["waits_for"].as_u64().unwrap(),
+                e["resource"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_youngest_the_blocked_victim_gets_409_deadlock_and_the_requester_proceeds() {
+    let c = TestCluster::start(3).await;
+    c.wait_leader().await;
+    let cl = c.client_all();
+    // The policy: refuse by default, a bad name is 400 and changes nothing, set through any
+    // node (forwarded to the leader), shown by /v1/conflicts.
+    assert_eq!(cl.deadlock_policy().await.unwrap()["policy"], "refuse");
+    let e = cl.set_deadlock_policy("oldest").await.unwrap_err();
+    assert_eq!(e.code(), "invalid_argument");
+    let ClientError::Api { status, .. } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(*status, 400);
+    assert_eq!(cl.deadlock_policy().await.unwrap()["policy"], "refuse");
+    let v = cl.set_deadlock_policy("youngest").await.unwrap();
+    assert_eq!(
+        (v["policy"].as_str(), v["previous"].as_str()),
+        (Some("youngest"), Some("refuse"))
+    );
+    assert_eq!(
+        cl.get("/v1/conflicts").await.unwrap()["deadlock_policy"],
+        "youngest"
+    );
+
+    let a = cl.lease_grant(60_000, Some("agent-a")).await.unwrap();
+    let b = cl.lease_grant(60_000, Some("agent-b")).await.unwrap();
+    assert!(b > a);
+    cl.lock_acquire("x", a, 0).await.unwrap();
+    cl.lock_acquire("y", b, 0).await.unwrap();
+    // b (the younger) blocks waiting for x.
+    let cb = c.client_all();
+    let b_waits = tokio::spawn(async move { cb.lock_acquire("x", b, 30_000).await });
+    wait_for(&cl, "/v1/conflicts", |v| {
+        v["wait_for"].as_array().is_some_and(|e| e.len() == 1)
+    })
+    .await;
+    // a waiting for y closes the cycle: b loses its wait, a stays queued.
+    let ca = c.client_all();
+    let a_waits = tokio::spawn(async move { ca.lock_acquire("y", a, 30_000).await });
+    let err = b_waits.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), "deadlock");
+    let ClientError::Api { status, body, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(*status, 409);
+    let e = &body["error"];
+    assert_eq!(
+        cycle_of(e),
+        vec![(b, a, "lock:x".into()), (a, b, "lock:y".into())]
+    );
+    assert_eq!(
+        (e["policy"].as_str(), e["requester"].as_u64()),
+        (Some("youngest"), Some(a))
+    );
+    let v = wait_for(&cl, "/v1/locks/y", |v| {
+        v["queue"].as_array().is_some_and(|q| q.len() == 1)
+    })
+    .await;
+    assert_eq!(v["queue"][0]["lease_id"], a);
+    let x = cl.get("/v1/locks/x").await.unwrap();
+    assert_eq!(x["queue"].as_array().unwrap().len(), 0);
+    let v = cl.get("/v1/conflicts").await.unwrap();
+    let d = &v["deadlocks"][0];
+    assert_eq!(
+        (d["victim"].as_u64(), d["requester"].as_u64()),
+        (Some(b), Some(a))
+    );
+    assert_eq!(
+        (d["resource"].as_str(), d["policy"].as_str()),
+        (Some("lock:x"), Some("youngest"))
+    );
+    // b gives up y: a, the requester, gets it.
+    assert!(!a_waits.is_finished());
     cl.lock_release("y", b).await.unwrap();
     assert!(a_waits.await.unwrap().is_ok());
     c.shutdown().await;

@@ -9,6 +9,7 @@ use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::deadlocks::{deadlock_error, lost_wait};
 use super::error::ApiError;
 use super::v1::{
     apply, check_name, ok, read_barrier, unexpected, wait_for_grant, ApiResult, ReadQuery,
@@ -16,7 +17,7 @@ use super::v1::{
 };
 use super::{ApiJson, ApiQuery};
 use crate::node::Node;
-use crate::sm::{Command, ErrorCode, LockMode, Response, Sm, MAX_WAIT_MS};
+use crate::sm::{Command, LockMode, Response, Sm, MAX_WAIT_MS};
 
 pub fn routes() -> Router<Arc<Node>> {
     Router::new()
@@ -96,17 +97,16 @@ fn probe(sm: &Sm, name: &str, lock: &str, lease_id: u64, since: u64) -> WaitStat
     if let Some(w) = l.and_then(|l| l.queue.iter().find(|w| w.lease_id == lease_id)) {
         return WaitState::Queued(w.deadline_ms);
     }
-    let refused = sm.deadlocks.iter().rev().find(|d| {
-        d.victim == lease_id && d.time_ms >= since && d.resource == format!("lock:{lock}")
+    // The re-queue was refused, or the re-queued wait was later cancelled as a victim.
+    let lost = lost_wait(sm, lease_id, &format!("lock:{lock}"), |d| {
+        d.time_ms >= since
     });
-    match refused {
-        Some(d) => WaitState::Refused(
-            ApiError::new(
-                ErrorCode::Deadlock,
-                format!("woken from condition {name}, waiting for lock {lock} would deadlock"),
-            )
-            .with("cycle", serde_json::to_value(&d.cycle).unwrap_or_default()),
-        ),
+    match lost {
+        Some(d) => {
+            let mut e = deadlock_error(d, &format!("lock {lock}"));
+            e.message = format!("woken from condition {name}: {}", e.message);
+            WaitState::Refused(e)
+        }
         None => WaitState::Gone,
     }
 }
@@ -158,7 +158,7 @@ async fn status(
 }
 
 /// `GET /v1/conflicts`: contended resources (locks and semaphores with waiters) sorted by
-/// their longest wait, the wait-for graph, and the recent deadlock refusals.
+/// their longest wait, the wait-for graph, the recent deadlocks and the deadlock policy.
 async fn conflicts(State(node): State<Arc<Node>>, ApiQuery(q): ApiQuery<ReadQuery>) -> ApiResult {
     read_barrier(&node, &q).await?;
     let st = node.sm.read();
@@ -204,6 +204,6 @@ pub(super) fn conflicts_json(sm: &Sm) -> Value {
         "resources": resources,
         "wait_for": sm.wait_graph(),
         "deadlocks": sm.deadlocks.iter().rev().collect::<Vec<_>>(),
-        "deadlock_policy": "refuse the request that would close the cycle",
+        "deadlock_policy": sm.deadlock_policy.as_str(),
     })
 }

@@ -7,6 +7,7 @@
 
 mod barriers;
 mod conditions;
+mod deadlocks;
 mod elections;
 pub mod error;
 mod extract;
@@ -36,6 +37,7 @@ pub fn router(node: Arc<Node>) -> Router {
     let leader_routes = v1::leader_routes()
         .merge(semaphores::routes())
         .merge(conditions::routes())
+        .merge(deadlocks::routes())
         .merge(barriers::routes())
         .merge(elections::routes())
         .merge(queues::routes())

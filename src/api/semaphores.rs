@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::v1::{
-    apply, check_name, ok, read_barrier, unexpected, wait_for_grant, ApiResult, ReadQuery,
-    WaitState, MAX_NAME_LEN,
+    apply, check_name, ok, read_barrier, unexpected, victim_state, wait_for_grant, ApiResult,
+    ReadQuery, WaitState, MAX_NAME_LEN,
 };
 use super::{ApiJson, ApiQuery};
 use crate::node::Node;
@@ -87,6 +87,7 @@ async fn acquire(
         )));
     }
     let applied = node.sm.subscribe();
+    let since = node.sm.read().sm.index;
     let cmd = Command::SemAcquire {
         name: name.clone(),
         lease_id: b.lease_id,
@@ -112,22 +113,18 @@ async fn acquire(
         r => return Err(unexpected(r)),
     }
     let lease_id = b.lease_id;
-    let token = wait_for_grant(
-        &node,
-        applied,
-        lease_id,
-        &format!("semaphore {name}"),
-        |sm| {
-            let Some(sem) = sm.semaphores.get(&name) else {
-                return WaitState::Gone;
-            };
-            if let Some(h) = sem.holders.get(&lease_id) {
-                return WaitState::Granted(h.token);
-            }
-            let waiter = sem.queue.iter().find(|w| w.lease_id == lease_id);
-            waiter.map_or(WaitState::Gone, |w| WaitState::Queued(w.deadline_ms))
-        },
-    )
+    let what = format!("semaphore {name}");
+    let token = wait_for_grant(&node, applied, lease_id, &what, |sm| {
+        let sem = sm.semaphores.get(&name);
+        if let Some(h) = sem.and_then(|s| s.holders.get(&lease_id)) {
+            return WaitState::Granted(h.token);
+        }
+        let waiter = sem.and_then(|s| s.queue.iter().find(|w| w.lease_id == lease_id));
+        match waiter {
+            Some(w) => WaitState::Queued(w.deadline_ms),
+            None => victim_state(sm, lease_id, &format!("semaphore:{name}"), since, &what),
+        }
+    })
     .await?;
     granted(token)
 }

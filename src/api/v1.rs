@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::{ApiJson, ApiQuery};
+use super::{deadlocks, ApiJson, ApiQuery};
 use crate::node::{now_ms, Node};
 use crate::sm::{Command, ErrorCode, Fence, LockMode, Response, MAX_WAIT_MS};
 
@@ -617,8 +617,10 @@ async fn lock_acquire(
             "wait_ms must be at most {MAX_WAIT_MS}"
         )));
     }
-    // Subscribe before proposing so no applied change is missed.
+    // Subscribe before proposing so no applied change is missed; deadlock records after
+    // `since` are about this call's wait.
     let applied = node.sm.subscribe();
+    let since = node.sm.read().sm.index;
     let cmd = Command::LockAcquire {
         name: name.clone(),
         lease_id: b.lease_id,
@@ -645,16 +647,35 @@ async fn lock_acquire(
         r => return Err(unexpected(r)),
     }
     let lease_id = b.lease_id;
-    let token = wait_for_grant(&node, applied, lease_id, &format!("lock {name}"), |sm| {
+    let what = format!("lock {name}");
+    let token = wait_for_grant(&node, applied, lease_id, &what, |sm| {
         let lock = sm.locks.get(&name);
         if let Some((_, h)) = lock.and_then(|l| l.hold_of(lease_id)) {
             return WaitState::Granted(h.token);
         }
         let waiter = lock.and_then(|l| l.queue.iter().find(|w| w.lease_id == lease_id));
-        waiter.map_or(WaitState::Gone, |w| WaitState::Queued(w.deadline_ms))
+        match waiter {
+            Some(w) => WaitState::Queued(w.deadline_ms),
+            None => victim_state(sm, lease_id, &format!("lock:{name}"), since, &what),
+        }
     })
     .await?;
     granted(token)
+}
+
+/// A wait that is gone: `Refused` when a deadlock record after log index `since` cancelled it
+/// (the lease was a victim of the deadlock policy), otherwise `Gone`.
+pub(super) fn victim_state(
+    sm: &crate::sm::Sm,
+    lease_id: u64,
+    resource: &str,
+    since: u64,
+    what: &str,
+) -> WaitState {
+    match deadlocks::lost_wait(sm, lease_id, resource, |d| d.index > since) {
+        Some(d) => WaitState::Refused(deadlocks::deadlock_error(d, what)),
+        None => WaitState::Gone,
+    }
 }
 
 /// What a blocked caller finds in the applied state.
@@ -664,7 +685,7 @@ pub(super) enum WaitState {
     Queued(u64),
     /// Neither granted nor queued: the wait deadline passed or the lease ended.
     Gone,
-    /// The state machine refused the wait (e.g. a deadlock found on a later step).
+    /// The state machine refused or cancelled the wait (a deadlock found on a later step).
     Refused(ApiError),
 }
 

@@ -6,8 +6,11 @@
 //! competes like any other waiter (or takes the lock at once if it is free and nobody waits);
 //! its new grant has a new token. The whole wait, parked and re-queued, is bounded by the
 //! `wait_ms` of `CondWait`: the deadline carries over to the lock queue. A parked lease that
-//! times out or ends just leaves. Re-queueing goes through the deadlock check like any wait: a
-//! notified lease whose re-queue would close a cycle is dropped and the refusal recorded.
+//! times out or ends just leaves. Re-queueing goes through the deadlock check like any wait
+//! (it is a lock acquire by the notified lease): when the re-queue would close a cycle and the
+//! deadlock policy picks the notified lease (always, under `refuse`), its wait is dropped and
+//! the refusal recorded; when the policy picks another lease of the cycle, that lease's wait is
+//! cancelled instead and the re-queue stands.
 
 use serde::{Deserialize, Serialize};
 
@@ -118,7 +121,8 @@ impl Sm {
                 serde_json::json!({"lease_id": w.lease_id, "lock": w.lock}),
             );
             let wait_ms = w.deadline_ms.saturating_sub(self.time_ms).max(1);
-            // Re-queue for the lock (or take it at once); a refusal (deadlock) drops the wait.
+            // Re-queue for the lock (or take it at once); a refusal (deadlock, the policy
+            // picked this lease) drops the wait.
             self.lock_acquire(
                 index,
                 self.time_ms,

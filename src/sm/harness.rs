@@ -143,3 +143,102 @@ pub(super) fn check_deadlock_refusal(
     }
     Ok(())
 }
+
+/// The lease `policy` must pick in `cycle` when `requester`'s request (of priority
+/// `priority`) closed it; other leases' priorities are their waits' in `sm`.
+pub(super) fn expected_victim(sm: &Sm, cycle: &[WaitEdge], requester: u64, priority: u64) -> u64 {
+    let wait_priority = |e: &WaitEdge| match e.resource.split_once(':') {
+        Some(("semaphore", n)) => sm
+            .semaphores
+            .get(n)
+            .and_then(|s| s.queue.iter().find(|w| w.lease_id == e.lease_id))
+            .map_or(0, |w| w.priority),
+        _ => 0,
+    };
+    match sm.deadlock_policy {
+        DeadlockPolicy::Refuse => requester,
+        DeadlockPolicy::Youngest => cycle.iter().map(|e| e.lease_id).max().unwrap(),
+        DeadlockPolicy::LowestPriority => {
+            let key = |e: &WaitEdge| {
+                let p = if e.lease_id == requester {
+                    priority
+                } else {
+                    wait_priority(e)
+                };
+                (p, std::cmp::Reverse(e.lease_id))
+            };
+            cycle.iter().min_by_key(|e| key(e)).unwrap().lease_id
+        }
+    }
+}
+
+/// A cycle of the wait-for graph: non-empty, its edges chain from `from` back to it.
+fn check_chain(c: &[WaitEdge], from: u64) -> Result<(), String> {
+    if c.is_empty() || c[0].lease_id != from || c[c.len() - 1].waits_for != from {
+        return Err(format!("cycle does not start and end at {from}: {c:?}"));
+    }
+    if c.windows(2).any(|w| w[0].waits_for != w[1].lease_id) {
+        return Err(format!("cycle edges do not chain: {c:?}"));
+    }
+    Ok(())
+}
+
+/// The victims a step of `requester` (request priority `priority`) cancelled at `index` are
+/// right: each record names the requester and the policy, its cycle chains from the victim
+/// through the requester and only uses edges out of or into the requester that `twin` (the
+/// state before the step, after its expiry) lacks, the policy picked that victim, and the
+/// victim neither waits on nor holds the resource afterwards. Returns the victims.
+pub(super) fn check_victims(
+    twin: &Sm,
+    post: &Sm,
+    requester: u64,
+    priority: u64,
+    index: u64,
+) -> Result<Vec<u64>, String> {
+    let graph = twin.wait_graph();
+    let mut victims = Vec::new();
+    for d in post.deadlocks.iter().filter(|d| d.index == index) {
+        if d.victim == requester {
+            return Err(format!("a refusal recorded for a step that stood: {d:?}"));
+        }
+        if d.requester != Some(requester) || d.policy != post.deadlock_policy {
+            return Err(format!(
+                "victim record names the wrong requester or policy: {d:?}"
+            ));
+        }
+        if d.policy == DeadlockPolicy::Refuse {
+            return Err(format!("a victim under the refuse policy: {d:?}"));
+        }
+        check_chain(&d.cycle, d.victim)?;
+        if d.cycle[0].resource != d.resource {
+            return Err(format!("the victim's edge is not on its resource: {d:?}"));
+        }
+        if !d.cycle.iter().any(|e| e.lease_id == requester) {
+            return Err(format!("the cycle misses the requester: {d:?}"));
+        }
+        for e in &d.cycle {
+            let new = e.lease_id == requester || e.waits_for == requester;
+            if !new && !graph.contains(e) {
+                return Err(format!("edge {e:?} was not in the wait-for graph"));
+            }
+        }
+        let want = expected_victim(twin, &d.cycle, requester, priority);
+        if want != d.victim {
+            return Err(format!("policy should have picked {want}: {d:?}"));
+        }
+        let involved = match d.resource.split_once(':') {
+            Some(("lock", n)) => post.locks.get(n).is_some_and(|l| {
+                l.hold_of(d.victim).is_some() || l.queue.iter().any(|w| w.lease_id == d.victim)
+            }),
+            Some(("semaphore", n)) => post.semaphores.get(n).is_some_and(|s| {
+                s.holders.contains_key(&d.victim) || s.queue.iter().any(|w| w.lease_id == d.victim)
+            }),
+            _ => true,
+        };
+        if involved {
+            return Err(format!("the victim still waits on or holds {}", d.resource));
+        }
+        victims.push(d.victim);
+    }
+    Ok(victims)
+}

@@ -174,14 +174,14 @@ impl Sm {
             deadline_ms,
             mode,
         });
-        let position = lock.queue.len() as u64;
         if let Some(l) = self.leases.get_mut(&lease_id) {
             l.waiting.insert(name.to_string());
         }
         self.wait_expiry
             .insert((deadline_ms, name.to_string(), lease_id));
-        // A wait that closes a cycle in the wait-for graph is refused, nothing applied.
-        if let Some(cycle) = self.find_cycle(lease_id) {
+        // A wait that closes a cycle in the wait-for graph: the policy cancels other waits of
+        // the cycle, or the request is refused with nothing applied (locks have no priority).
+        if let Some(cycle) = self.break_cycles(index, lease_id, 0) {
             self.unqueue(name, lease_id);
             if let Some(l) = self.leases.get_mut(&lease_id) {
                 l.waiting.remove(name);
@@ -189,6 +189,18 @@ impl Sm {
             // Nobody else can have been unblocked: the waiter was last in the queue.
             return self.deadlock(index, lease_id, &format!("lock:{name}"), cycle);
         }
+        self.lock_wait_outcome(name, lease_id, mode)
+    }
+
+    /// The answer to an acquire that queued: still queued (emitted), or granted by the
+    /// hand-off after a deadlock victim ahead of it left the queue.
+    fn lock_wait_outcome(&mut self, name: &str, lease_id: u64, mode: LockMode) -> Response {
+        let lock = self.locks.get(name);
+        if let Some((_, h)) = lock.and_then(|l| l.hold_of(lease_id)) {
+            return Response::LockGranted { token: h.token };
+        }
+        let pos = lock.and_then(|l| l.queue.iter().position(|w| w.lease_id == lease_id));
+        let position = pos.map_or(0, |p| p as u64 + 1);
         self.emit(
             "lock",
             name,
@@ -301,11 +313,17 @@ impl Sm {
 
     /// Remove a waiter whose deadline passed; the ones behind it may fit now.
     pub(super) fn remove_waiter(&mut self, index: u64, name: &str, lease_id: u64) {
+        self.end_lock_wait(index, name, lease_id, "wait_expired");
+    }
+
+    /// End `lease_id`'s wait on `name` (deadline passed, or cancelled as a deadlock victim),
+    /// emitting `action`, and hand the lock on: the ones behind it may fit now.
+    pub(super) fn end_lock_wait(&mut self, index: u64, name: &str, lease_id: u64, action: &str) {
         self.unqueue(name, lease_id);
         self.emit(
             "lock",
             name,
-            "wait_expired",
+            action,
             serde_json::json!({"lease_id": lease_id}),
         );
         if let Some(l) = self.leases.get_mut(&lease_id) {

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 pub use barrier::{Barrier, BarrierPass, BarrierRelease, BarrierWaiter, MAX_PARTIES};
 pub use condition::{CondWaiter, Condition};
-pub use deadlock::{DeadlockRecord, WaitEdge, RECENT_DEADLOCKS};
+pub use deadlock::{DeadlockPolicy, DeadlockRecord, WaitEdge, RECENT_DEADLOCKS};
 pub use double_barrier::{DoubleBarrier, DoubleBarrierMember, DoubleBarrierPass};
 pub use election::{Candidate, Election, ElectionLeader, MAX_CANDIDATES, MAX_ELECTION_VALUE};
 pub use events::{Event, EventBuf};
@@ -93,9 +93,12 @@ pub struct Sm {
     /// Wait deadlines of barriers, elections, queues and conditions (see `parts.rs`).
     #[serde(default)]
     timers: BTreeSet<(u64, Timer)>,
-    /// Recently refused deadlocks, oldest first (at most `RECENT_DEADLOCKS`).
+    /// Recently resolved deadlocks, oldest first (at most `RECENT_DEADLOCKS`).
     #[serde(default)]
     pub deadlocks: VecDeque<DeadlockRecord>,
+    /// Who loses when a step would close a cycle (`deadlock.rs`); `refuse` in old snapshots.
+    #[serde(default)]
+    pub deadlock_policy: DeadlockPolicy,
     #[serde(default)]
     pub conditions: BTreeMap<String, Condition>,
     #[serde(default)]
@@ -269,6 +272,7 @@ impl Sm {
             Command::QueueNack { name, lease_id, id } => {
                 self.queue_nack(index, name, *lease_id, *id)
             }
+            Command::SetDeadlockPolicy { policy } => self.set_deadlock_policy(*policy),
         }
     }
 
@@ -296,9 +300,7 @@ impl Sm {
                 }
             } else if sem == Some(d) {
                 if let Some((_, name, lease_id)) = self.sem_wait_expiry.first().cloned() {
-                    self.sem_unqueue(&name, lease_id);
-                    // The head may have been the one that did not fit.
-                    self.sem_hand_off(index, &name);
+                    self.end_sem_wait(index, &name, lease_id, None);
                 }
             } else if timer == Some(d) {
                 if let Some((_, t)) = self.timers.pop_first() {
@@ -481,6 +483,8 @@ fn lease_not_found(lease_id: u64) -> Response {
 mod barrier_tests;
 #[cfg(test)]
 mod condition_tests;
+#[cfg(test)]
+mod deadlock_tests;
 #[cfg(test)]
 mod election_tests;
 #[cfg(test)]

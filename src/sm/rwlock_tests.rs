@@ -1,10 +1,10 @@
-//! Read-write locks and deadlock detection: unit tests and random interleavings. Every apply
-//! is followed by `check_invariants` (one writer or many readers, a queue head never fits,
-//! readers wait only behind a writer, no cycle in the wait-for graph).
+//! Read-write locks and deadlock detection: unit tests and random interleavings (under every
+//! deadlock policy). Every apply is followed by `check_invariants` (one writer or many readers,
+//! a queue head never fits, readers wait only behind a writer, no cycle in the wait-for graph).
 
 use proptest::prelude::*;
 
-use super::harness::{check_deadlock_refusal, Harness};
+use super::harness::{check_deadlock_refusal, check_victims, expected_victim, Harness};
 use super::*;
 
 fn acquire(
@@ -37,6 +37,17 @@ fn release(h: &mut Harness, t: u64, name: &str, lease_id: u64) -> Response {
 }
 
 fn sem_acquire(h: &mut Harness, t: u64, name: &str, lease_id: u64, permits: u64) -> Response {
+    sem_acquire_p(h, t, name, lease_id, permits, 0)
+}
+
+fn sem_acquire_p(
+    h: &mut Harness,
+    t: u64,
+    name: &str,
+    lease_id: u64,
+    permits: u64,
+    priority: u64,
+) -> Response {
     h.apply(
         t,
         Command::SemAcquire {
@@ -44,7 +55,7 @@ fn sem_acquire(h: &mut Harness, t: u64, name: &str, lease_id: u64, permits: u64)
             lease_id,
             permits,
             wait_ms: 10_000,
-            priority: 0,
+            priority,
         },
     )
 }
@@ -292,6 +303,7 @@ enum Op {
     Sem {
         lease: usize,
         permits: u64,
+        priority: u64,
     },
     SemRelease {
         lease: usize,
@@ -302,77 +314,205 @@ enum Op {
     Tick {
         dt: u64,
     },
+    /// Switch the deadlock policy mid-run.
+    Policy {
+        policy: DeadlockPolicy,
+    },
+}
+
+fn policy() -> impl Strategy<Value = DeadlockPolicy> {
+    prop::sample::select(DeadlockPolicy::ALL.to_vec())
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0..3usize, 0..5usize, any::<bool>(), any::<bool>())
+        8 => (0..3usize, 0..5usize, any::<bool>(), any::<bool>())
             .prop_map(|(lock, lease, wait, shared)| Op::Acquire { lock, lease, wait, shared }),
-        3 => (0..3usize, 0..5usize).prop_map(|(lock, lease)| Op::Release { lock, lease }),
-        1 => (0..5usize, 1..3u64).prop_map(|(lease, permits)| Op::Sem { lease, permits }),
-        1 => (0..5usize).prop_map(|lease| Op::SemRelease { lease }),
-        1 => (0..5usize).prop_map(|lease| Op::Revoke { lease }),
-        1 => (0..3_000u64).prop_map(|dt| Op::Tick { dt }),
+        6 => (0..3usize, 0..5usize).prop_map(|(lock, lease)| Op::Release { lock, lease }),
+        2 => (0..5usize, 1..3u64, 0..3u64)
+            .prop_map(|(lease, permits, priority)| Op::Sem { lease, permits, priority }),
+        2 => (0..5usize).prop_map(|lease| Op::SemRelease { lease }),
+        2 => (0..5usize).prop_map(|lease| Op::Revoke { lease }),
+        2 => (0..3_000u64).prop_map(|dt| Op::Tick { dt }),
+        1 => policy().prop_map(|policy| Op::Policy { policy }),
     ]
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+/// How the deadlocks of the random runs were resolved, per policy.
+#[derive(Default)]
+struct Outcomes {
+    refusals: std::collections::BTreeMap<DeadlockPolicy, u64>,
+    victims: std::collections::BTreeMap<DeadlockPolicy, u64>,
+}
 
-    /// Random interleavings: the invariants (checked by the harness after every apply) hold,
-    /// exclusive tokens only increase per lock, no dead lease is ever granted, every deadlock
-    /// refusal is a real cycle, and the snapshot round trip is exact.
-    #[test]
-    fn random_interleavings_keep_one_writer_or_many_readers_and_no_cycle(ops in prop::collection::vec(op(), 1..120)) {
-        let mut h = Harness::new();
-        let mut t = 0;
-        let mut leases: Vec<u64> = (0..5).map(|_| h.grant(0, 4_000)).collect();
-        h.apply(0, Command::SemCreate { name: "s".into(), capacity: 2 });
-        let mut last_token = std::collections::BTreeMap::new();
-        for op in ops {
-            t += 10;
-            let twin = {
-                let mut tw = h.sm.clone();
-                tw.apply(h.index + 1, h.term, &LogEntry { time_ms: t, request_id: None, cmd: Command::Tick });
-                tw
-            };
-            let (r, victim) = match op {
-                Op::Acquire { lock, lease, wait, shared } => {
-                    let mode = if shared { S } else { X };
-                    let id = leases[lease];
-                    (acquire(&mut h, t, ["a", "b", "c"][lock], id, if wait { 2_000 } else { 0 }, mode), Some(id))
-                }
-                Op::Release { lock, lease } => (release(&mut h, t, ["a", "b", "c"][lock], leases[lease]), None),
-                Op::Sem { lease, permits } => (sem_acquire(&mut h, t, "s", leases[lease], permits), Some(leases[lease])),
-                Op::SemRelease { lease } => (h.apply(t, Command::SemRelease { name: "s".into(), lease_id: leases[lease] }), None),
-                Op::Revoke { lease } => {
-                    h.revoke(t, leases[lease]);
-                    leases[lease] = h.grant(t, 4_000);
-                    continue;
-                }
-                Op::Tick { dt } => {
-                    t += dt;
-                    h.tick(t);
-                    (Response::Done, None)
-                }
-            };
-            if let (Response::Rejected(rej), Some(v)) = (&r, victim) {
-                if rej.code == ErrorCode::Deadlock {
-                    check_deadlock_refusal(&twin, &h.sm, v, rej).map_err(TestCaseError::fail)?;
-                }
+/// Random interleavings under every deadlock policy (the one it starts with, and switches):
+/// the invariants (checked by the harness after every apply, no cycle in the wait-for graph
+/// among them) hold, exclusive tokens only increase per lock, no dead lease is ever granted,
+/// every deadlock refusal is a real cycle whose victim the policy picks and changes nothing
+/// else, every cancelled wait is a victim the policy picks from a real cycle through the
+/// requester, and the snapshot round trip is exact.
+#[test]
+fn random_interleavings_keep_one_writer_or_many_readers_and_no_cycle() {
+    let outcomes = std::cell::RefCell::new(Outcomes::default());
+    let config = ProptestConfig {
+        cases: 1000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let strategy = (policy(), prop::collection::vec(op(), 1..120));
+    let result = runner.run(&strategy, |(start, ops)| {
+        run_interleaving(start, ops, &mut outcomes.borrow_mut())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    // The runs reach every way of resolving a deadlock.
+    let o = outcomes.into_inner();
+    for p in DeadlockPolicy::ALL {
+        assert!(
+            o.refusals.get(&p).copied().unwrap_or(0) > 0,
+            "no refusal under {p}"
+        );
+    }
+    for p in [DeadlockPolicy::Youngest, DeadlockPolicy::LowestPriority] {
+        assert!(
+            o.victims.get(&p).copied().unwrap_or(0) > 0,
+            "no victim under {p}"
+        );
+    }
+}
+
+fn run_interleaving(
+    start: DeadlockPolicy,
+    ops: Vec<Op>,
+    outcomes: &mut Outcomes,
+) -> Result<(), TestCaseError> {
+    let mut h = Harness::new();
+    let mut t = 0;
+    h.apply(0, Command::SetDeadlockPolicy { policy: start });
+    let mut leases: Vec<u64> = (0..5).map(|_| h.grant(0, 4_000)).collect();
+    h.apply(
+        0,
+        Command::SemCreate {
+            name: "s".into(),
+            capacity: 2,
+        },
+    );
+    let mut last_token = std::collections::BTreeMap::new();
+    for op in ops {
+        t += 10;
+        let twin = {
+            let mut tw = h.sm.clone();
+            tw.apply(
+                h.index + 1,
+                h.term,
+                &LogEntry {
+                    time_ms: t,
+                    request_id: None,
+                    cmd: Command::Tick,
+                },
+            );
+            tw
+        };
+        // (response, the requester and its request's priority when it may close a cycle)
+        let (r, requester) = match op {
+            Op::Acquire {
+                lock,
+                lease,
+                wait,
+                shared,
+            } => {
+                let mode = if shared { S } else { X };
+                let id = leases[lease];
+                (
+                    acquire(
+                        &mut h,
+                        t,
+                        ["a", "b", "c"][lock],
+                        id,
+                        if wait { 2_000 } else { 0 },
+                        mode,
+                    ),
+                    Some((id, 0)),
+                )
             }
-            for (name, lock) in &h.sm.locks {
-                for (_, hd) in lock.holders() {
-                    prop_assert!(h.sm.leases.contains_key(&hd.lease_id));
-                }
-                if let Some(x) = &lock.holder {
-                    let prev = last_token.insert(name.clone(), x.token).unwrap_or(0);
-                    prop_assert!(x.token >= prev, "exclusive token went back on {}", name);
-                }
+            Op::Release { lock, lease } => (
+                release(&mut h, t, ["a", "b", "c"][lock], leases[lease]),
+                None,
+            ),
+            Op::Sem {
+                lease,
+                permits,
+                priority,
+            } => {
+                let id = leases[lease];
+                (
+                    sem_acquire_p(&mut h, t, "s", id, permits, priority),
+                    Some((id, priority)),
+                )
+            }
+            Op::SemRelease { lease } => (
+                h.apply(
+                    t,
+                    Command::SemRelease {
+                        name: "s".into(),
+                        lease_id: leases[lease],
+                    },
+                ),
+                None,
+            ),
+            Op::Revoke { lease } => {
+                h.revoke(t, leases[lease]);
+                leases[lease] = h.grant(t, 4_000);
+                continue;
+            }
+            Op::Tick { dt } => {
+                t += dt;
+                h.tick(t);
+                (Response::Done, None)
+            }
+            Op::Policy { policy } => (h.apply(t, Command::SetDeadlockPolicy { policy }), None),
+        };
+        let policy = h.sm.deadlock_policy;
+        match (&r, requester) {
+            (Response::Rejected(rej), Some((v, priority))) if rej.code == ErrorCode::Deadlock => {
+                check_deadlock_refusal(&twin, &h.sm, v, rej).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(
+                    expected_victim(&twin, &rej.cycle, v, priority),
+                    v,
+                    "the policy did not pick the refused lease"
+                );
+                *outcomes.refusals.entry(policy).or_default() += 1;
+            }
+            (_, Some((v, priority))) => {
+                let victims = check_victims(&twin, &h.sm, v, priority, h.index)
+                    .map_err(TestCaseError::fail)?;
+                *outcomes.victims.entry(policy).or_default() += victims.len() as u64;
+            }
+            (_, None) => prop_assert!(
+                h.sm.deadlocks.iter().all(|d| d.index != h.index),
+                "{:?} resolved a deadlock",
+                op
+            ),
+        }
+        for (name, lock) in &h.sm.locks {
+            for (_, hd) in lock.holders() {
+                prop_assert!(h.sm.leases.contains_key(&hd.lease_id));
+            }
+            if let Some(x) = &lock.holder {
+                let prev = last_token.insert(name.clone(), x.token).unwrap_or(0);
+                prop_assert!(x.token >= prev, "exclusive token went back on {}", name);
             }
         }
-        h.assert_round_trip();
+        for sem in h.sm.semaphores.values() {
+            for id in sem.holders.keys() {
+                prop_assert!(h.sm.leases.contains_key(id));
+            }
+        }
     }
+    h.assert_round_trip();
+    Ok(())
 }
 
 #[test]

@@ -200,8 +200,9 @@ impl Sm {
             );
             lease.sems.insert(name.to_string());
             // The waiters behind may now wait for this lease; if it waits elsewhere itself,
-            // that can close a cycle: then the grant is undone and refused.
-            if let Some(cycle) = self.find_cycle(lease_id) {
+            // that can close a cycle: then the policy cancels other waits of the cycle, or the
+            // grant is undone and refused.
+            if let Some(cycle) = self.break_cycles(index, lease_id, priority) {
                 self.sem_drop_holder(name, lease_id);
                 return self.deadlock(index, lease_id, &format!("semaphore:{name}"), cycle);
             }
@@ -227,21 +228,32 @@ impl Sm {
             .insert((w.deadline_ms, name.to_string(), lease_id));
         sem.queue.insert(pos, w);
         lease.sem_waiting.insert(name.to_string());
-        // A wait that closes a cycle in the wait-for graph is refused, nothing applied: the
-        // waiter did not fit, so removing it unblocks nobody.
-        if let Some(cycle) = self.find_cycle(lease_id) {
+        // A wait that closes a cycle in the wait-for graph: the policy cancels other waits of
+        // the cycle, or the request is refused with nothing applied (the waiter did not fit,
+        // so removing it unblocks nobody).
+        if let Some(cycle) = self.break_cycles(index, lease_id, priority) {
             self.sem_unqueue(name, lease_id);
             return self.deadlock(index, lease_id, &format!("semaphore:{name}"), cycle);
         }
+        self.sem_wait_outcome(name, lease_id, permits)
+    }
+
+    /// The answer to an acquire that queued: still queued (emitted), or granted by the
+    /// hand-off after a deadlock victim ahead of it left the queue.
+    fn sem_wait_outcome(&mut self, name: &str, lease_id: u64, permits: u64) -> Response {
+        let sem = self.semaphores.get(name);
+        if let Some(h) = sem.and_then(|s| s.holders.get(&lease_id)) {
+            return Response::SemGranted { token: h.token };
+        }
+        let pos = sem.and_then(|s| s.queue.iter().position(|w| w.lease_id == lease_id));
+        let position = pos.map_or(0, |p| p as u64 + 1);
         self.emit(
             "semaphore",
             name,
             "queued",
-            serde_json::json!({"lease_id": lease_id, "permits": permits, "position": pos + 1}),
+            serde_json::json!({"lease_id": lease_id, "permits": permits, "position": position}),
         );
-        Response::SemQueued {
-            position: pos as u64 + 1,
-        }
+        Response::SemQueued { position }
     }
 
     pub(super) fn sem_release(&mut self, index: u64, name: &str, lease_id: u64) -> Response {
@@ -290,6 +302,28 @@ impl Sm {
         if let Some(l) = self.leases.get_mut(&lease_id) {
             l.sem_waiting.remove(name);
         }
+    }
+
+    /// End `lease_id`'s wait on `name` (deadline passed, or cancelled as a deadlock victim,
+    /// then emitting `action`) and grant the ones it blocked.
+    pub(super) fn end_sem_wait(
+        &mut self,
+        index: u64,
+        name: &str,
+        lease_id: u64,
+        action: Option<&str>,
+    ) {
+        self.sem_unqueue(name, lease_id);
+        if let Some(action) = action {
+            self.emit(
+                "semaphore",
+                name,
+                action,
+                serde_json::json!({"lease_id": lease_id}),
+            );
+        }
+        // The head may have been the one that did not fit.
+        self.sem_hand_off(index, name);
     }
 
     /// Grant from the head of the queue while the head fits. Returns the leases granted.

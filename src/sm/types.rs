@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{LockMode, WaitEdge};
+use super::{DeadlockPolicy, LockMode, WaitEdge};
 
 /// One entry of the replicated log as the application sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +176,10 @@ pub enum Command {
         lease_id: u64,
         id: u64,
     },
+    /// Who loses when a wait would close a cycle in the wait-for graph, from now on.
+    SetDeadlockPolicy {
+        policy: DeadlockPolicy,
+    },
 }
 
 impl Command {
@@ -206,6 +210,7 @@ impl Command {
             Command::QueueClaim { .. } => "queue_claim",
             Command::QueueAck { .. } => "queue_ack",
             Command::QueueNack { .. } => "queue_nack",
+            Command::SetDeadlockPolicy { .. } => "set_deadlock_policy",
         }
     }
 }
@@ -431,6 +436,10 @@ pub enum Response {
         generation: u64,
         parties: u64,
         token: u64,
+    },
+    DeadlockPolicySet {
+        policy: DeadlockPolicy,
+        previous: DeadlockPolicy,
     },
 }
 
