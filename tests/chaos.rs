@@ -5,6 +5,7 @@
 //!
 //! Also register and lock under real partitions
 //! (`--net netns`: network namespaces, veth, iptables; needs root, which this machine's CI has).
+//! Then the lease workload under kills and the mixed workload (every client kind) under pauses.
 //!
 //! Runs one after another (one test) so that two clusters never compete for the two cores.
 //! `CONCORD_CHAOS_SECS` sets the length of each run (default 35).
@@ -57,6 +58,11 @@ fn chaos_matrix_is_clean_and_the_checker_catches_unsafe_reads() {
     // Real network partitions: network namespaces, veth, iptables (CI here runs as root).
     runs.push(("register", "partition", &["--net", "netns"]));
     runs.push(("lock", "partition", &["--net", "netns"]));
+    // Lease expiry while holding, across leader kills (each new leader's grace must never
+    // shorten a lease); and every client kind at once (register, lock, semaphore, lease,
+    // barrier: three clients each) under pauses.
+    runs.push(("lease", "kill", &[]));
+    runs.push(("mixed", "pause", &["--clients", "15"]));
 
     let mut failures = Vec::new();
     for (i, (workload, nemesis, extra)) in runs.into_iter().enumerate() {

@@ -218,6 +218,23 @@ async fn blocked_candidates_survive_a_leader_kill_and_leadership_passes_once() {
         .map(|x| x["lease_id"].as_u64().unwrap())
         .collect();
     assert_eq!(line, vec![b, d]);
+    // Operators see the contention: the leader holds, the candidates wait in line.
+    let conflicts = cl.get("/v1/conflicts").await.unwrap();
+    let e = conflicts["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resource"] == "election:job")
+        .expect("the election is listed")
+        .clone();
+    assert_eq!(e["holders"][0]["lease_id"], a);
+    let waiting: Vec<u64> = e["waiters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["lease_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(waiting, vec![b, d]);
 
     // a steps down: b (first in line) leads, in that step, with the resign's index.
     let r = cl.election_resign("job", a).await.unwrap();

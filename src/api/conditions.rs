@@ -196,6 +196,28 @@ pub(super) fn conflicts_json(sm: &Sm) -> Value {
         let longest = s.queue.iter().map(|w| now.saturating_sub(w.since_ms)).max();
         resources.push((longest.unwrap_or(0), json!({"resource": format!("semaphore:{name}"), "capacity": s.capacity, "free": s.free(), "holders": holders, "waiters": waiters, "longest_wait_ms": longest})));
     }
+    // Elections: the leader holds, the queued candidates wait for it to resign or end.
+    for (name, e) in sm
+        .elections
+        .iter()
+        .filter(|(_, e)| !e.candidates.is_empty())
+    {
+        let l = &e.leader;
+        let holders = vec![
+            json!({"lease_id": l.lease_id, "owner": owner(l.lease_id), "token": l.token, "held_ms": now.saturating_sub(l.since_ms)}),
+        ];
+        let waiters: Vec<Value> = e
+            .candidates
+            .iter()
+            .map(|c| json!({"lease_id": c.lease_id, "owner": owner(c.lease_id), "waited_ms": now.saturating_sub(c.since_ms)}))
+            .collect();
+        let longest = e
+            .candidates
+            .iter()
+            .map(|c| now.saturating_sub(c.since_ms))
+            .max();
+        resources.push((longest.unwrap_or(0), json!({"resource": format!("election:{name}"), "holders": holders, "waiters": waiters, "longest_wait_ms": longest})));
+    }
     resources.sort_by_key(|r| std::cmp::Reverse(r.0));
     let resources: Vec<Value> = resources.into_iter().map(|(_, v)| v).collect();
     json!({
