@@ -3,6 +3,7 @@
 //! Dependency direction: `sm` <- `store` <- `node` -> `api`, `network`.
 
 pub mod api;
+pub mod bench;
 pub mod chaos;
 pub mod client;
 pub mod config;

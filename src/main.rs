@@ -89,6 +89,9 @@ enum Cmd {
     Queue(QueueCmd),
     /// Start a cluster of real processes, drive it, inject faults, and check the history.
     Chaos(concord::chaos::runner::ChaosArgs),
+    /// Load the cluster with one workload; report throughput, latency percentiles and errors
+    /// by code (see docs/benchmarks.md). `--target etcd` speaks etcd's v3 JSON gateway.
+    Bench(concord::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -384,6 +387,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ExitCode::from(1)
         });
     }
+    if let Cmd::Bench(args) = &cli.cmd {
+        let report = concord::bench::run(&cli.endpoints, args.clone()).await?;
+        if cli.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{}", report.human());
+        }
+        return Ok(if report.failed() {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
     let client = Client::new(&cli.endpoints);
     let out = |v: Value, human: String| {
         if cli.json {
@@ -394,7 +410,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let res: Result<(), ClientError> = async {
         match cli.cmd {
-            Cmd::Serve(_) | Cmd::Chaos(_) => unreachable!("handled above"),
+            Cmd::Serve(_) | Cmd::Chaos(_) | Cmd::Bench(_) => unreachable!("handled above"),
             Cmd::Cluster(c) => match c {
                 ClusterCmd::Status => {
                     let v = client.cluster().await?;
