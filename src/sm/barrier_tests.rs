@@ -18,7 +18,7 @@ use super::*;
 /// What holds right after any apply, beyond `check_invariants`: nothing waits past its
 /// deadline, every live waiter's deadline is a due time `next_deadline` knows about, and a
 /// lease's parts name exactly the barriers that mention it.
-fn deep_check(sm: &Sm) -> Result<(), String> {
+pub(super) fn deep_check(sm: &Sm) -> Result<(), String> {
     let next = sm.next_deadline();
     let mut deadlines = Vec::new();
     for (name, b) in &sm.barriers {
@@ -445,7 +445,7 @@ fn bad_input_is_rejected_with_a_stable_code_and_nothing_applied() {
     }
 }
 
-fn barrier_cmd(
+pub(super) fn barrier_cmd(
     name: &str,
     lease_id: u64,
     parties: u64,
@@ -461,7 +461,7 @@ fn barrier_cmd(
     }
 }
 
-fn db_enter_cmd(name: &str, lease_id: u64, parties: u64, wait_ms: u64) -> Command {
+pub(super) fn db_enter_cmd(name: &str, lease_id: u64, parties: u64, wait_ms: u64) -> Command {
     Command::DoubleBarrierEnter {
         name: name.into(),
         lease_id,
@@ -471,7 +471,12 @@ fn db_enter_cmd(name: &str, lease_id: u64, parties: u64, wait_ms: u64) -> Comman
     }
 }
 
-fn db_leave_cmd(name: &str, lease_id: u64, parties: Option<u64>, wait_ms: u64) -> Command {
+pub(super) fn db_leave_cmd(
+    name: &str,
+    lease_id: u64,
+    parties: Option<u64>,
+    wait_ms: u64,
+) -> Command {
     Command::DoubleBarrierLeave {
         name: name.into(),
         lease_id,
@@ -1030,9 +1035,9 @@ const NAMES: [&str; 2] = ["p", "q"];
 /// Which lease an op uses: usually a live one (by the model), sometimes any lease ever granted
 /// (dead ones included), or an id that never existed when there are none.
 #[derive(Debug, Clone)]
-struct Pick {
-    i: prop::sample::Index,
-    stale: bool,
+pub(super) struct Pick {
+    pub i: prop::sample::Index,
+    pub stale: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1074,12 +1079,12 @@ struct Step {
     op: Op,
 }
 
-fn pick_strategy() -> impl Strategy<Value = Pick> {
+pub(super) fn pick_strategy() -> impl Strategy<Value = Pick> {
     (any::<prop::sample::Index>(), prop::bool::weighted(0.08))
         .prop_map(|(i, stale)| Pick { i, stale })
 }
 
-fn parties_strategy() -> impl Strategy<Value = u64> {
+pub(super) fn parties_strategy() -> impl Strategy<Value = u64> {
     prop_oneof![1 => Just(1u64), 4 => Just(2u64), 3 => Just(3u64)]
 }
 
@@ -1545,7 +1550,7 @@ struct EventView {
     inside: BTreeMap<String, BTreeSet<u64>>,
 }
 
-fn ids(v: &serde_json::Value) -> BTreeSet<u64> {
+pub(super) fn ids(v: &serde_json::Value) -> BTreeSet<u64> {
     v.as_array()
         .expect("leases array")
         .iter()

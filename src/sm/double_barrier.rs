@@ -345,6 +345,15 @@ impl Sm {
     /// If nobody is inside without leaving, release every leaving member with token `index`
     /// and open the next generation. Only called while the room is (or just was) occupied.
     fn double_barrier_settle(&mut self, index: u64, now: u64, name: &str) {
+        // Members whose lease is due at the instant being expired (dead, its end not processed
+        // yet) count as having left: none of them is released.
+        let dead: Vec<u64> = (self.double_barriers.get(name).into_iter())
+            .flat_map(|d| d.inside.keys().copied())
+            .filter(|id| !self.leases.contains_key(id))
+            .collect();
+        for id in dead {
+            self.double_barrier_remove_member(name, id, "lease_ended");
+        }
         let Some(d) = self.double_barriers.get_mut(name) else {
             return;
         };
@@ -404,24 +413,36 @@ impl Sm {
                 "left",
                 json!({"lease_id": lease_id, "generation": g, "reason": reason, "phase": "entering"}),
             );
-        } else if let Some(m) = d.inside.remove(&lease_id) {
-            // A stale pass would answer a later leave for a generation it did not finish.
-            d.passed.remove(&lease_id);
-            let phase = match &m.leaving {
-                Some(w) => {
-                    self.remove_timer(w.deadline_ms, Kind::DoubleBarrier, name, lease_id);
-                    "leaving"
-                }
-                None => "inside",
-            };
-            self.emit(
-                KIND,
-                name,
-                "left",
-                json!({"lease_id": lease_id, "generation": g, "reason": reason, "phase": phase}),
-            );
+        } else if self.double_barrier_remove_member(name, lease_id, reason) {
             self.double_barrier_settle(index, now, name);
         }
+    }
+
+    /// Take `lease_id` out of the room (no release); returns whether it was inside.
+    fn double_barrier_remove_member(&mut self, name: &str, lease_id: u64, reason: &str) -> bool {
+        let Some(d) = self.double_barriers.get_mut(name) else {
+            return false;
+        };
+        let Some(m) = d.inside.remove(&lease_id) else {
+            return false;
+        };
+        let g = d.generation;
+        // A stale pass would answer a later leave for a generation it did not finish.
+        d.passed.remove(&lease_id);
+        let phase = match &m.leaving {
+            Some(w) => {
+                self.remove_timer(w.deadline_ms, Kind::DoubleBarrier, name, lease_id);
+                "leaving"
+            }
+            None => "inside",
+        };
+        self.emit(
+            KIND,
+            name,
+            "left",
+            json!({"lease_id": lease_id, "generation": g, "reason": reason, "phase": phase}),
+        );
+        true
     }
 
     /// The wait deadline of `lease_id` passed (to enter, or for the others to leave).

@@ -216,6 +216,7 @@ impl Sm {
     /// token `index`, or drop the election if nobody waits. Returns the new (leader, token).
     fn election_step_down(&mut self, index: u64, name: &str, reason: &str) -> Option<(u64, u64)> {
         let now = self.time_ms;
+        self.election_drop_dead_candidates(name);
         let e = self.elections.get_mut(name)?;
         let old = e.leader.lease_id;
         let next = if e.candidates.is_empty() {
@@ -233,7 +234,6 @@ impl Sm {
             );
             return None;
         };
-        // Candidates of ended leases left the line when their lease ended: `c` is alive.
         e.leader = ElectionLeader {
             lease_id: c.lease_id,
             value: c.value,
@@ -255,6 +255,18 @@ impl Sm {
             json!({"lease_id": c.lease_id, "token": index, "value": value}),
         );
         Some((c.lease_id, index))
+    }
+
+    /// Take out of the line the candidates whose lease is due at the instant being expired (dead,
+    /// its end not processed yet, like the leader's): they cannot lead.
+    fn election_drop_dead_candidates(&mut self, name: &str) {
+        let dead: Vec<u64> = (self.elections.get(name).into_iter())
+            .flat_map(|e| e.candidates.iter().map(|c| c.lease_id))
+            .filter(|id| !self.leases.contains_key(id))
+            .collect();
+        for id in dead {
+            self.election_unqueue(name, id, "lease_ended");
+        }
     }
 
     /// Take a candidate out of the line (and its timer, if still indexed).

@@ -13,7 +13,7 @@ const E: &str = "e";
 
 /// Properties that hold right after every apply, beyond `check_invariants`: nothing live is
 /// past its deadline, and every lease in an election lists it in its parts.
-fn deep_check(sm: &Sm) -> Result<(), String> {
+pub(super) fn deep_check(sm: &Sm) -> Result<(), String> {
     for (name, e) in &sm.elections {
         for c in &e.candidates {
             if c.deadline_ms <= sm.time_ms {

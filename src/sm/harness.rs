@@ -86,6 +86,33 @@ impl Harness {
     }
 }
 
+/// Right after an apply, `next_deadline` is the earliest deadline of every live lease and every
+/// wait (lock and semaphore queues, and the timers of the other primitives), and it lies ahead:
+/// the apply left nothing due.
+pub(super) fn check_next_deadline(sm: &Sm) -> Result<(), String> {
+    let leases = sm.leases.values().map(|l| l.deadline_ms);
+    let locks = sm
+        .locks
+        .values()
+        .flat_map(|k| k.queue.iter().map(|w| w.deadline_ms));
+    let sems = (sm.semaphores.values()).flat_map(|s| s.queue.iter().map(|w| w.deadline_ms));
+    let timers = sm.timers.iter().map(|(d, _)| *d);
+    let expected = leases.chain(locks).chain(sems).chain(timers).min();
+    if sm.next_deadline() != expected {
+        return Err(format!(
+            "next_deadline {:?}, expected {expected:?}",
+            sm.next_deadline()
+        ));
+    }
+    match expected {
+        Some(d) if d <= sm.time_ms => Err(format!(
+            "deadline {d} is due at {} but was left",
+            sm.time_ms
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A `deadlock` refusal is right: the cycle starts and ends at `victim`, its edges chain, every
 /// edge not touching the victim is in `twin`'s wait-for graph, the new ones name leases that
 /// hold or wait on the resource, and `post` is `twin` (the state after only this entry's

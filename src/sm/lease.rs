@@ -119,9 +119,29 @@ impl Sm {
     /// End a lease: drop its waits first (so no hand-off can pick it), then its keys, then
     /// release its locks, handing each to the next waiter with token `index`.
     pub(super) fn end_lease(&mut self, index: u64, lease_id: u64, reason: &str) {
-        let Some(lease) = self.leases.remove(&lease_id) else {
-            return;
-        };
+        let ended = self.take_leases(&[lease_id], reason);
+        self.release_leases(index, ended, reason);
+    }
+
+    /// Remove leases from the live ones, so that no hand-off can pick them (expiry ends the
+    /// leases due at one instant together); their waits and holds stay until `release_leases`.
+    pub(super) fn take_leases(&mut self, lease_ids: &[u64], reason: &str) -> Vec<Lease> {
+        lease_ids
+            .iter()
+            .filter_map(|id| self.take_lease(*id, reason))
+            .collect()
+    }
+
+    /// Drop every wait and hold of removed leases, with hand-offs, in this step.
+    pub(super) fn release_leases(&mut self, index: u64, ended: Vec<Lease>, reason: &str) {
+        for lease in ended {
+            self.release_lease(index, lease, reason);
+        }
+    }
+
+    /// Remove a lease from the live ones (so no hand-off can pick it).
+    fn take_lease(&mut self, lease_id: u64, reason: &str) -> Option<Lease> {
+        let lease = self.leases.remove(&lease_id)?;
         self.emit(
             "lease",
             &lease_id.to_string(),
@@ -129,6 +149,12 @@ impl Sm {
             json!({"lease_id": lease_id}),
         );
         self.lease_expiry.remove(&(lease.deadline_ms, lease_id));
+        Some(lease)
+    }
+
+    /// Drop every wait and hold of a removed lease, with hand-offs, in this step.
+    fn release_lease(&mut self, index: u64, lease: Lease, reason: &str) {
+        let lease_id = lease.id;
         for name in &lease.waiting {
             self.unqueue(name, lease_id);
         }

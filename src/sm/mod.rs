@@ -8,7 +8,8 @@
 //!   empty queue, and the head of a queue never fits the current holders;
 //! - the wait-for graph over locks and semaphores has no cycle (`deadlock.rs`);
 //! - every waiter's lease exists (waiters of an ending lease are removed in the same step that
-//!   ends it, before any hand-off), so a dead lease is never granted anything;
+//!   ends it, before any hand-off; a lease is dead from the instant it is due, even while
+//!   waits due at that instant end), so a dead lease is never granted anything;
 //! - a lock's tokens strictly increase: a token is the log index of the granting entry;
 //! - the expiry indexes hold exactly the live leases and waiters.
 
@@ -276,38 +277,39 @@ impl Sm {
         }
     }
 
-    /// End every lease and waiter whose deadline is at or before `now`, in deadline order (a
-    /// wait ending at the same time as a lease ends first), so a waiter that gave up is never
-    /// handed a lock by a later expiry in the same step.
+    /// End every lease and waiter whose deadline is at or before `now`, in deadline order.
+    /// Everything due at the same instant happens at once: the leases due then are dead first
+    /// (so none of them is handed anything), then the waits due then end (so none of those
+    /// waiters is handed what the leases release), and last the leases release what they held.
     fn expire(&mut self, now: u64, index: u64) {
+        while let Some(d) = self.next_deadline().filter(|d| *d <= now) {
+            let due: Vec<u64> = (self.lease_expiry.range((d, 0)..=(d, u64::MAX)))
+                .map(|e| e.1)
+                .collect();
+            let ended = self.take_leases(&due, "expired");
+            self.end_waits_due(index, d);
+            self.release_leases(index, ended, "expired");
+        }
+    }
+
+    /// End the waits due at `d` (the earliest deadline): lock waits, then semaphore waits,
+    /// then the other primitives' timers, each handing on what it blocked.
+    fn end_waits_due(&mut self, index: u64, d: u64) {
         loop {
-            let lease = self.lease_expiry.first().map(|e| e.0).filter(|d| *d <= now);
-            let wait = self.wait_expiry.first().map(|e| e.0).filter(|d| *d <= now);
-            let sem = self
-                .sem_wait_expiry
-                .first()
-                .map(|e| e.0)
-                .filter(|d| *d <= now);
-            // The earliest deadline goes first; on a tie, waits end before leases.
-            let timer = self.timers.first().map(|e| e.0).filter(|d| *d <= now);
-            let earliest = [wait, sem, timer, lease].into_iter().flatten().min();
-            let Some(d) = earliest else {
-                break;
-            };
-            if wait == Some(d) {
-                if let Some((_, name, lease_id)) = self.wait_expiry.first().cloned() {
-                    self.remove_waiter(index, &name, lease_id);
-                }
-            } else if sem == Some(d) {
-                if let Some((_, name, lease_id)) = self.sem_wait_expiry.first().cloned() {
-                    self.end_sem_wait(index, &name, lease_id, None);
-                }
-            } else if timer == Some(d) {
+            if let Some((_, name, lease_id)) = self.wait_expiry.first().filter(|e| e.0 == d) {
+                let (name, lease_id) = (name.clone(), *lease_id);
+                self.remove_waiter(index, &name, lease_id);
+            } else if let Some((_, name, lease_id)) =
+                self.sem_wait_expiry.first().filter(|e| e.0 == d)
+            {
+                let (name, lease_id) = (name.clone(), *lease_id);
+                self.end_sem_wait(index, &name, lease_id, None);
+            } else if self.timers.first().is_some_and(|e| e.0 == d) {
                 if let Some((_, t)) = self.timers.pop_first() {
                     self.timer_fired(index, &t);
                 }
-            } else if let Some(&(_, lease_id)) = self.lease_expiry.first() {
-                self.end_lease(index, lease_id, "expired");
+            } else {
+                return;
             }
         }
     }
@@ -479,6 +481,8 @@ fn lease_not_found(lease_id: u64) -> Response {
     )
 }
 
+#[cfg(test)]
+mod all_tests;
 #[cfg(test)]
 mod barrier_tests;
 #[cfg(test)]

@@ -369,15 +369,23 @@ impl Sm {
         let now = self.time_ms;
         let mut handed = Vec::new();
         while let Some(q) = self.queues.get_mut(name) {
-            if q.waiters.is_empty() {
+            let Some(w) = q.waiters.first().cloned() else {
                 break;
+            };
+            if q.pending.is_empty() {
+                break;
+            }
+            // A waiter whose lease is due at the instant being expired (dead, its end not
+            // processed yet, like the claimant's whose items came back) leaves the line instead.
+            if !self.leases.contains_key(&w.lease_id) {
+                self.queue_unwait(name, w.lease_id, "lease_ended");
+                continue;
             }
             let Some(item) = q.pop_pending() else {
                 break;
             };
-            let w = q.waiters.remove(0);
+            q.waiters.remove(0);
             self.remove_timer(w.deadline_ms, Kind::Queue, name, w.lease_id);
-            // Waiters of ended leases left the line when their lease ended: `w` is alive.
             let c = self.queue_give(index, now, name, item, w.lease_id, w.seq);
             handed.push((c.item.id, w.lease_id));
         }

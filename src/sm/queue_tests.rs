@@ -14,7 +14,7 @@ const Q: &str = "q";
 
 /// Properties that hold right after every apply, beyond `check_invariants`: nothing live is
 /// past its deadline.
-fn deep_check(sm: &Sm) -> Result<(), String> {
+pub(super) fn deep_check(sm: &Sm) -> Result<(), String> {
     for (name, q) in &sm.queues {
         for w in &q.waiters {
             if w.deadline_ms <= sm.time_ms {

@@ -320,7 +320,7 @@ enum Op {
     },
 }
 
-fn policy() -> impl Strategy<Value = DeadlockPolicy> {
+pub(super) fn policy() -> impl Strategy<Value = DeadlockPolicy> {
     prop::sample::select(DeadlockPolicy::ALL.to_vec())
 }
 

@@ -29,7 +29,7 @@ fn virtual_arrival(since_ms: u64, priority: u64, seq: u64) -> (i128, u64) {
 /// `check_invariants` plus what only holds right after an apply: nothing live is past its
 /// deadline, the lease -> semaphore-wait links agree, holders and waiters are well formed and
 /// from the past, queues are sorted, and `next_deadline` sees every deadline.
-fn deep_check(sm: &Sm) -> Result<(), String> {
+pub(super) fn deep_check(sm: &Sm) -> Result<(), String> {
     sm.check_invariants()?;
     for (id, l) in &sm.leases {
         if l.deadline_ms <= sm.time_ms {
@@ -91,27 +91,7 @@ fn deep_check(sm: &Sm) -> Result<(), String> {
             }
         }
     }
-    let deadlines = sm
-        .leases
-        .values()
-        .map(|l| l.deadline_ms)
-        .chain(
-            sm.locks
-                .values()
-                .flat_map(|k| k.queue.iter().map(|w| w.deadline_ms)),
-        )
-        .chain(
-            sm.semaphores
-                .values()
-                .flat_map(|s| s.queue.iter().map(|w| w.deadline_ms)),
-        );
-    if sm.next_deadline() != deadlines.min() {
-        return Err(format!(
-            "next_deadline {:?} misses a deadline",
-            sm.next_deadline()
-        ));
-    }
-    Ok(())
+    super::harness::check_next_deadline(sm)
 }
 
 /// A state machine plus the next log index and the leader term of the next entry; every apply

@@ -15,7 +15,7 @@ use super::*;
 /// `check_invariants` plus the properties that only hold right after an apply: nothing live is
 /// past its deadline, the reverse links (lease -> waits) agree, tokens and revisions are indexes
 /// already applied, and the dedup indexes agree.
-fn deep_check(sm: &Sm) -> Result<(), String> {
+pub(super) fn deep_check(sm: &Sm) -> Result<(), String> {
     sm.check_invariants()?;
     for (id, l) in &sm.leases {
         if l.id != *id {
@@ -79,23 +79,7 @@ fn deep_check(sm: &Sm) -> Result<(), String> {
             return Err(format!("request {id} kept past retention"));
         }
     }
-    let lease_min = sm.leases.values().map(|l| l.deadline_ms).min();
-    let wait_min = sm
-        .locks
-        .values()
-        .flat_map(|k| k.queue.iter().map(|w| w.deadline_ms))
-        .min();
-    let expected = match (lease_min, wait_min) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    if sm.next_deadline() != expected {
-        return Err(format!(
-            "next_deadline {:?}, expected {expected:?}",
-            sm.next_deadline()
-        ));
-    }
-    Ok(())
+    super::harness::check_next_deadline(sm)
 }
 
 /// A state machine plus the next log index and the leader term of the next entry; every apply
@@ -1620,7 +1604,7 @@ fn steps_strategy() -> impl Strategy<Value = Vec<Step>> {
         })
 }
 
-fn fail(e: impl std::fmt::Display) -> TestCaseError {
+pub(super) fn fail(e: impl std::fmt::Display) -> TestCaseError {
     TestCaseError::fail(e.to_string())
 }
 
