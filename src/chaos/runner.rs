@@ -1029,44 +1029,28 @@ async fn recorded_release_and_revoke(
 /// Lease TTL of the lock workload.
 const LOCK_LEASE_TTL_MS: u64 = 3000;
 
-async fn lock_client(sh: Arc<Shared>, seed: u64) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut process = sh.rec.new_process();
-    while !sh.stop.load(Ordering::Relaxed) {
-        let node = rng.gen_range(0..sh.addrs.len());
-        let (id, addr) = sh.addrs[node].clone();
-        let Some(lease) = grant_lease(&sh, &addr, LOCK_LEASE_TTL_MS).await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let at = (id, addr.as_str());
-        let token = recorded_lock_acquire(&sh, &mut process, at, lease, LOCK_WAIT_MS).await;
-        match token {
-            Some(token) => {
-                recorded_fenced_write(&sh, &mut process, at, token).await;
-                recorded_release_and_revoke(&sh, &mut process, at, lease.0, token).await;
-            }
-            None => revoke_lease(&sh, &addr, lease.0).await,
-        }
-    }
-}
-
 /// Lease TTL of the lease workload: short, so that abandoned holds expire often.
 const LEASE_WORKLOAD_TTL_MS: u64 = 2000;
 
-/// The lease workload: like `lock`, but a third of the holders abandon their lock instead of
-/// releasing it: they stop renewing the lease, wait until it must have expired (its TTL, plus up
-/// to 1.5 s), and then try a write fenced by their stale token, which the cluster must refuse
-/// once anyone else was granted the lock. Waiters meanwhile queue behind the abandoned hold and
-/// get the lock when the lease expires. Checked by the lock checker, including that no hold
-/// ends before its lease could have expired ([`check::LOCK_LEASE_HOLD`]).
-async fn lease_client(sh: Arc<Shared>, seed: u64) {
+/// The lock workload (`abandons == false`): lease, acquire, fenced write, release, revoke.
+///
+/// The lease workload (`abandons == true`): the same, but a third of the holders abandon their
+/// lock instead of releasing it: they stop renewing the lease, wait until it must have expired
+/// (its TTL, plus up to 1.5 s), and then try a write fenced by their stale token, which the
+/// cluster must refuse once anyone else was granted the lock. Waiters meanwhile queue behind
+/// the abandoned hold and get the lock when the lease expires. Checked by the lock checker,
+/// including that no hold ends before its lease could have expired ([`check::LOCK_LEASE_HOLD`]).
+async fn lock_client(sh: Arc<Shared>, seed: u64, abandons: bool) {
+    let ttl_ms = match abandons {
+        true => LEASE_WORKLOAD_TTL_MS,
+        false => LOCK_LEASE_TTL_MS,
+    };
     let mut rng = StdRng::seed_from_u64(seed);
     let mut process = sh.rec.new_process();
     while !sh.stop.load(Ordering::Relaxed) {
         let node = rng.gen_range(0..sh.addrs.len());
         let (id, addr) = sh.addrs[node].clone();
-        let Some(lease) = grant_lease(&sh, &addr, LEASE_WORKLOAD_TTL_MS).await else {
+        let Some(lease) = grant_lease(&sh, &addr, ttl_ms).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -1077,7 +1061,7 @@ async fn lease_client(sh: Arc<Shared>, seed: u64) {
             continue;
         };
         recorded_fenced_write(&sh, &mut process, at, token).await;
-        if rng.gen_ratio(2, 3) {
+        if !abandons || rng.gen_ratio(2, 3) {
             recorded_release_and_revoke(&sh, &mut process, at, lease.0, token).await;
             continue;
         }
@@ -1396,8 +1380,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
         let client_seed = rng.gen();
         tasks.push(tokio::spawn(async move {
             match kind {
-                Workload::Lock => lock_client(s, client_seed).await,
-                Workload::Lease => lease_client(s, client_seed).await,
+                Workload::Lock => lock_client(s, client_seed, false).await,
+                Workload::Lease => lock_client(s, client_seed, true).await,
                 Workload::Semaphore => semaphore_client(s, client_seed).await,
                 Workload::Barrier => barrier_client(s, client_seed, parties).await,
                 Workload::Register | Workload::Mixed => register_client(s, client_seed).await,
