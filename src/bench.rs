@@ -896,6 +896,49 @@ pub struct Report {
     /// Set when the target cannot run the workload; nothing was sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unsupported: Option<String>,
+    /// Concord only: the leader's group commit over the measured window.
+    pub fsync: Option<FsyncReport>,
+}
+
+/// How many log entries the leader's fsyncs covered during the measured window (the
+/// difference of its `/v1/cluster` counters at the end of the warm-up and at the end).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FsyncReport {
+    pub leader: String,
+    pub fsyncs: u64,
+    pub entries: u64,
+    /// `entries / fsyncs`; `None` when there was no fsync.
+    pub entries_per_fsync: Option<f64>,
+}
+
+impl FsyncReport {
+    /// From two samples of `(fsyncs, appended_entries)`; `None` if the counters went back
+    /// (the node restarted in between).
+    pub fn between(leader: String, before: (u64, u64), after: (u64, u64)) -> Option<FsyncReport> {
+        let fsyncs = after.0.checked_sub(before.0)?;
+        let entries = after.1.checked_sub(before.1)?;
+        Some(FsyncReport {
+            leader,
+            fsyncs,
+            entries,
+            entries_per_fsync: (fsyncs > 0).then(|| entries as f64 / fsyncs as f64),
+        })
+    }
+}
+
+/// The group-commit counters of the Concord node at `base`.
+async fn fsync_counters(http: &reqwest::Client, base: &str) -> Option<(u64, u64)> {
+    let conn = Conn {
+        http: http.clone(),
+        base: base.to_string(),
+        target: Target::Concord,
+        timeout: Duration::from_secs(5),
+    };
+    let v = conn
+        .call(Method::GET, "/v1/cluster", None, Duration::ZERO)
+        .await
+        .ok()?;
+    Some((v["fsyncs"].as_u64()?, v["appended_entries"].as_u64()?))
 }
 
 impl Report {
@@ -933,6 +976,7 @@ impl Report {
             error_count: 0,
             unsent: None,
             unsupported: None,
+            fsync: None,
         }
     }
 
@@ -1017,6 +1061,15 @@ impl Report {
         }
         if let Some(u) = self.unsent.filter(|u| *u > 0) {
             s += &format!("  {u} scheduled sends not made: the target rate was not reached\n");
+        }
+        if let Some(f) = &self.fsync {
+            let per = f
+                .entries_per_fsync
+                .map_or("-".to_string(), |p| format!("{p:.1}"));
+            s += &format!(
+                "  leader {}: {} log entries in {} fsyncs ({per} per fsync)\n",
+                f.leader, f.entries, f.fsyncs
+            );
         }
         s.trim_end().to_string()
     }
@@ -1236,9 +1289,21 @@ pub async fn run(endpoints: &[String], args: BenchArgs) -> anyhow::Result<Report
         });
     }
 
+    let leader = match args.target {
+        Target::Concord => find_leader(&setup_http, args.target, &endpoints).await.ok(),
+        Target::Etcd => None,
+    };
+
     let start = Instant::now();
     let warmup_end = start + args.warmup;
     let end = warmup_end + args.duration;
+    let fsync_before = leader.clone().map(|leader| {
+        let http = setup_http.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(warmup_end).await;
+            fsync_counters(&http, &leader).await
+        })
+    });
     let mut tasks = Vec::with_capacity(clients);
     for (i, session) in sessions.into_iter().enumerate() {
         let open = args.rate.map(|rate| {
@@ -1259,11 +1324,23 @@ pub async fn run(endpoints: &[String], args: BenchArgs) -> anyhow::Result<Report
         total.merge(t.await.context("a client task failed")?);
     }
 
+    let fsync_after = match &leader {
+        Some(leader) => fsync_counters(&setup_http, leader).await,
+        None => None,
+    };
+    let fsync_before = match fsync_before {
+        Some(task) => task.await.ok().flatten(),
+        None => None,
+    };
+
     let cleanup = leases.iter().map(|id| revoke(&setup, *id, &legacy_revoke));
     futures::future::join_all(cleanup).await;
 
     let mut report = Report::empty(&args, endpoints);
     report.fill(&total, warmup_end, end);
+    if let (Some(leader), Some(before), Some(after)) = (leader, fsync_before, fsync_after) {
+        report.fsync = FsyncReport::between(leader, before, after);
+    }
     Ok(report)
 }
 

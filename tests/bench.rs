@@ -145,6 +145,25 @@ async fn forwarding_leader_only_and_open_loop_on_three_nodes() {
     assert_eq!(status, Some(0), "{r}");
     assert_clean(&r, "put");
     assert_eq!(r["endpoints"].as_array().map(|e| e.len()), Some(3), "{r}");
+    // The leader's group commit over the window: every measured put is one log entry there
+    // (the counters are sampled by a request of their own, so a few puts around the start of
+    // the window may fall on either side), and every fsync covered at least one entry.
+    let f = &r["fsync"];
+    assert_eq!(f["leader"], format!("http://{}", c.addrs[&leader]), "{r}");
+    let (fsyncs, entries) = (
+        f["fsyncs"].as_u64().unwrap(),
+        f["entries"].as_u64().unwrap(),
+    );
+    let ops = r["ops"].as_u64().unwrap();
+    assert!(
+        fsyncs > 0 && entries >= fsyncs && entries * 10 >= ops * 9,
+        "{r}"
+    );
+    let per = f["entries_per_fsync"].as_f64().unwrap();
+    assert!(
+        (per - entries as f64 / fsyncs as f64).abs() < 1e-9 && per >= 1.0,
+        "{r}"
+    );
 
     // Leader only: found first, and the only endpoint used.
     let mut args = vec!["--workload", "get", "--leader-only"];

@@ -582,6 +582,19 @@ fn assert_clean(r: &Report) {
     assert!((r.throughput - r.ops as f64 / r.duration_s).abs() < 1e-6);
 }
 
+#[test]
+fn fsync_report_is_the_difference_of_two_samples() {
+    let f = FsyncReport::between("http://l".into(), (10, 100), (30, 460)).unwrap();
+    assert_eq!((f.fsyncs, f.entries), (20, 360));
+    assert_eq!(f.entries_per_fsync, Some(18.0));
+    // No fsync in the window: counted, but no ratio.
+    let f = FsyncReport::between("http://l".into(), (5, 9), (5, 9)).unwrap();
+    assert_eq!((f.fsyncs, f.entries, f.entries_per_fsync), (0, 0, None));
+    // A counter that went back means the node restarted: no report.
+    assert_eq!(FsyncReport::between("x".into(), (10, 100), (3, 200)), None);
+    assert_eq!(FsyncReport::between("x".into(), (10, 100), (12, 50)), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_put_and_get_send_base64_keys_and_values() {
     let (addr, fake) = fake_etcd().await;
@@ -590,6 +603,7 @@ async fn etcd_put_and_get_send_base64_keys_and_values() {
         .unwrap();
     assert_clean(&r);
     assert_eq!(r.target, Target::Etcd);
+    assert_eq!(r.fsync, None, "etcd has no group-commit counters to read");
     {
         let st = lock(&fake);
         assert!(st.bad.is_empty(), "{:?}", st.bad);
