@@ -10,6 +10,7 @@ pub mod config;
 pub mod faults;
 pub mod network;
 pub mod node;
+pub mod perf;
 pub mod sm;
 pub mod store;
 pub mod types;

@@ -236,7 +236,7 @@ impl Netns {
     }
 }
 
-struct ProcCluster {
+pub(crate) struct ProcCluster {
     /// `Some`: every node runs in its own network namespace.
     netns: Option<Netns>,
     /// `Some(project)`: the nodes are docker-compose containers, not child processes.
@@ -245,10 +245,12 @@ struct ProcCluster {
     down: BTreeSet<u64>,
     bin: PathBuf,
     dir: PathBuf,
-    addrs: BTreeMap<u64, String>,
+    pub(crate) addrs: BTreeMap<u64, String>,
     children: BTreeMap<u64, Child>,
     unsafe_reads: bool,
     http: reqwest::Client,
+    /// More `concord serve` arguments for every node.
+    extra_args: Vec<String>,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -258,12 +260,13 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 impl ProcCluster {
-    fn start(
+    pub(crate) fn start(
         bin: PathBuf,
         dir: &Path,
         n: u64,
         unsafe_reads: bool,
         net: Net,
+        extra_args: &[String],
     ) -> anyhow::Result<ProcCluster> {
         let netns = match net {
             Net::Netns => Some(Netns::create(n)?),
@@ -287,6 +290,7 @@ impl ProcCluster {
             children: BTreeMap::new(),
             unsafe_reads,
             http: reqwest::Client::builder().no_proxy().build()?,
+            extra_args: extra_args.to_vec(),
         };
         for id in 1..=n {
             c.spawn(id)?;
@@ -308,6 +312,7 @@ impl ProcCluster {
             children: BTreeMap::new(),
             unsafe_reads: false,
             http: reqwest::Client::builder().no_proxy().build()?,
+            extra_args: Vec::new(),
         })
     }
 
@@ -342,7 +347,7 @@ impl ProcCluster {
         }
     }
 
-    fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+    pub(crate) fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
         if let Some(c) = self.container(id) {
             Self::docker(&["start", &c]);
             self.down.remove(&id);
@@ -373,6 +378,7 @@ impl ProcCluster {
         if self.unsafe_reads {
             cmd.arg("--unsafe-stale-reads");
         }
+        cmd.args(&self.extra_args);
         self.children.insert(id, cmd.spawn()?);
         Ok(())
     }
@@ -389,7 +395,12 @@ impl ProcCluster {
         }
     }
 
-    fn kill(&mut self, id: u64) {
+    /// The process id of a node started as a child process.
+    pub(crate) fn pid(&self, id: u64) -> Option<u32> {
+        self.children.get(&id).map(Child::id)
+    }
+
+    pub(crate) fn kill(&mut self, id: u64) {
         if let Some(c) = self.container(id) {
             Self::docker(&["kill", &c]);
             self.down.insert(id);
@@ -417,7 +428,7 @@ impl ProcCluster {
     }
 
     /// The leader most running nodes name.
-    async fn leader(&self) -> Option<u64> {
+    pub(crate) async fn leader(&self) -> Option<u64> {
         let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
         for (id, addr) in &self.addrs {
             if !self.is_up(*id) {
@@ -1314,6 +1325,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
             args.nodes,
             args.unsafe_stale_reads,
             args.net,
+            &[],
         )?,
     };
     let boot = Instant::now();

@@ -30,15 +30,29 @@ pub(crate) const CF_META: &str = "meta";
 pub(crate) const CF_LOGS: &str = "logs";
 pub(crate) const CF_SNAPSHOT: &str = "snapshot";
 
+/// Bytes of RocksDB memtables across all column families.
+const MEMTABLE_BUDGET: usize = 32 << 20;
+
 /// Open (or create) the node's RocksDB and return both halves of the openraft storage.
 pub fn open(dir: &Path) -> io::Result<(LogStore, StateMachineStore)> {
     std::fs::create_dir_all(dir)?;
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let cfs = [CF_META, CF_LOGS, CF_SNAPSHOT]
-        .into_iter()
-        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    // Memtables are memory the node holds until RocksDB flushes them. The defaults (64 MiB per
+    // column family, two per family) let the log and the snapshot (one value of the whole
+    // state) hold over 100 MiB between flushes; cap all memtables together instead.
+    opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
+    let cfs = [CF_META, CF_LOGS, CF_SNAPSHOT].into_iter().map(|n| {
+        let mut cf = Options::default();
+        cf.set_write_buffer_size(match n {
+            // A snapshot is written whole and read back only on restart or to send it: flush
+            // it at once.
+            CF_SNAPSHOT => 1 << 20,
+            _ => MEMTABLE_BUDGET / 2,
+        });
+        ColumnFamilyDescriptor::new(n, cf)
+    });
     let db = DB::open_cf_descriptors(&opts, dir.join("rocksdb"), cfs).map_err(io_err)?;
     let db = Arc::new(db);
     let sm = StateMachineStore::open(db.clone())?;

@@ -13,6 +13,29 @@ use crate::sm::Event;
 
 /// Default number of events kept.
 pub const DEFAULT_WATCH_HISTORY: usize = 100_000;
+/// Default bound on the history's memory, as estimated by [`event_size`]: whichever of the two
+/// bounds is reached first evicts the oldest events. 100 000 puts of 256-byte values would
+/// otherwise hold over 100 MiB.
+pub const DEFAULT_WATCH_HISTORY_BYTES: usize = 32 << 20;
+
+/// An estimate of the heap an event holds (strings, the detail's JSON tree, the overheads).
+pub fn event_size(e: &Event) -> usize {
+    fn value(v: &serde_json::Value) -> usize {
+        use serde_json::Value::*;
+        match v {
+            Null | Bool(_) | Number(_) => 16,
+            String(s) => 24 + s.len(),
+            Array(a) => 24 + a.iter().map(value).sum::<usize>(),
+            Object(m) => {
+                48 + m
+                    .iter()
+                    .map(|(k, v)| 56 + k.len() + value(v))
+                    .sum::<usize>()
+            }
+        }
+    }
+    128 + e.kind.len() + e.name.len() + e.action.len() + value(&e.detail)
+}
 
 pub struct WatchLog {
     /// (sequence number, event), sequence numbers consecutive.
@@ -23,6 +46,9 @@ pub struct WatchLog {
     oldest_revision: u64,
     last_revision: u64,
     cap: usize,
+    /// Sum of [`event_size`] over `events`, and its bound.
+    bytes: usize,
+    max_bytes: usize,
 }
 
 /// What a watcher gets from one read.
@@ -44,12 +70,21 @@ impl WatchLog {
             oldest_revision: 0,
             last_revision: 0,
             cap: cap.max(1),
+            bytes: 0,
+            max_bytes: DEFAULT_WATCH_HISTORY_BYTES,
         }
+    }
+
+    /// The same log with another memory bound (the newest event is always kept).
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> WatchLog {
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// Forget everything: the state now starts at `applied` (a loaded or installed snapshot).
     pub fn reset(&mut self, applied: u64) {
         self.events.clear();
+        self.bytes = 0;
         // Skip a sequence number: every existing cursor, even one that had read everything,
         // is now before `first_valid_seq` and gets `Compacted` (it would miss what the
         // snapshot covers); new cursors start after the gap.
@@ -62,12 +97,15 @@ impl WatchLog {
     /// Record entry `revision` (applied) and its events.
     pub fn push(&mut self, revision: u64, events: Vec<Event>) {
         for e in events {
+            self.bytes += event_size(&e);
             self.events.push_back((self.next_seq, e));
             self.next_seq += 1;
         }
         self.last_revision = self.last_revision.max(revision);
-        while self.events.len() > self.cap {
+        while self.events.len() > self.cap || (self.bytes > self.max_bytes && self.events.len() > 1)
+        {
             if let Some((seq, e)) = self.events.pop_front() {
+                self.bytes -= event_size(&e);
                 self.first_valid_seq = seq + 1;
                 // Events of `e.revision` may be split now: that revision is no longer whole.
                 self.oldest_revision = self.oldest_revision.max(e.revision + 1);
@@ -198,5 +236,53 @@ mod tests {
         let fresh = w.cursor_at(31).unwrap();
         w.push(31, vec![ev(31, "f")]);
         assert_eq!(names(w.read(fresh, 10)).0, vec![(31, "f".into())]);
+    }
+
+    #[test]
+    fn the_memory_bound_evicts_the_oldest_events_first() {
+        let big = |revision: u64, name: &str| Event {
+            detail: json!({"value": "x".repeat(1000), "version": 1}),
+            ..ev(revision, name)
+        };
+        let one = event_size(&big(1, "a"));
+        assert!(one > 1000, "the value counts: {one}");
+        // Room for three such events by bytes, ten by count.
+        let mut w = WatchLog::new(10).with_max_bytes(3 * one + one / 2);
+        w.reset(0);
+        let c = w.cursor_at(1).unwrap();
+        for (r, n) in [(1, "a"), (2, "b"), (3, "c")] {
+            w.push(r, vec![big(r, n)]);
+        }
+        assert_eq!(w.oldest_revision(), 1);
+        w.push(4, vec![big(4, "d")]);
+        assert_eq!(w.oldest_revision(), 2, "a is evicted by bytes");
+        assert!(matches!(
+            w.read(c, 10),
+            Read::Compacted { oldest_revision: 2 }
+        ));
+        let from2 = w.cursor_at(2).unwrap();
+        let got: Vec<String> = names(w.read(from2, 10))
+            .0
+            .into_iter()
+            .map(|e| e.1)
+            .collect();
+        assert_eq!(got, ["b", "c", "d"]);
+        // One event larger than the whole bound is still kept, alone.
+        let huge = Event {
+            detail: json!({"value": "y".repeat(10 * one)}),
+            ..ev(5, "e")
+        };
+        w.push(5, vec![huge]);
+        assert_eq!(w.oldest_revision(), 5);
+        let got = names(w.read(w.cursor_at(5).unwrap(), 10)).0;
+        assert_eq!(got, vec![(5, "e".into())]);
+        // Evictions gave their bytes back: small events fill up again.
+        w.push(6, vec![ev(6, "f")]);
+        w.push(7, vec![ev(7, "g")]);
+        assert_eq!(
+            w.oldest_revision(),
+            6,
+            "the huge one went, the small ones fit"
+        );
     }
 }
