@@ -30,10 +30,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CONCORD_JOIN", default_value_t = false)]
     pub join: bool,
     /// Raft heartbeat interval in milliseconds.
-    #[arg(long, env = "CONCORD_HEARTBEAT_MS", default_value_t = 150)]
+    #[arg(long, env = "CONCORD_HEARTBEAT_MS", default_value_t = 100)]
     pub heartbeat_ms: u64,
-    /// Minimum election timeout in milliseconds (the maximum is twice this).
-    #[arg(long, env = "CONCORD_ELECTION_MS", default_value_t = 1000)]
+    /// Minimum election timeout in milliseconds (the maximum is twice this). A follower
+    /// campaigns after hearing nothing for the leader lease (twice this) plus a random
+    /// election timeout: 900 to 1200 ms with the default (docs/benchmarks.md, failover).
+    #[arg(long, env = "CONCORD_ELECTION_MS", default_value_t = 300)]
     pub election_ms: u64,
     /// Take a snapshot after this many log entries.
     #[arg(long, env = "CONCORD_SNAPSHOT_ENTRIES", default_value_t = 20000)]
