@@ -79,6 +79,9 @@ pub(super) fn deep_check(sm: &Sm) -> Result<(), String> {
             return Err(format!("request {id} kept past retention"));
         }
     }
+    if sm.dedup.len() > DEDUP_MAX_IDS {
+        return Err(format!("{} request ids kept", sm.dedup.len()));
+    }
     super::harness::check_next_deadline(sm)
 }
 
@@ -1289,6 +1292,50 @@ fn request_ids_are_forgotten_after_the_retention_window() {
     );
     assert_eq!(h.sm.dedup["p"].time_ms, t0 + DEDUP_RETENTION_MS);
     assert_eq!(h.sm.dedup.len(), 1);
+}
+
+#[test]
+fn at_most_dedup_max_ids_are_remembered_and_the_oldest_go_first() {
+    let mut sm = Sm::new();
+    let put_at = |sm: &mut Sm, index: u64, id: &str| {
+        let entry = LogEntry {
+            time_ms: 1_000 + index / 1_000,
+            request_id: Some(id.to_string()),
+            cmd: put("k", "v"),
+        };
+        sm.apply(index, 1, &entry)
+    };
+    let n = DEDUP_MAX_IDS as u64;
+    for i in 1..=n {
+        put_at(&mut sm, i, &format!("id-{i:07}"));
+    }
+    assert_eq!(sm.dedup.len(), DEDUP_MAX_IDS);
+    // A retry of the oldest is still answered from the table (nothing applied).
+    let first = put_at(&mut sm, n + 1, "id-0000001");
+    assert_eq!(
+        first,
+        Response::KvPut {
+            version: 1,
+            revision: 1
+        }
+    );
+    assert_eq!(sm.kv["k"].version, n);
+    // One more new id: the oldest (by log time, then id) is forgotten, the rest stay.
+    put_at(&mut sm, n + 2, "new");
+    assert_eq!(sm.dedup.len(), DEDUP_MAX_IDS);
+    assert!(!sm.dedup.contains_key("id-0000001"));
+    assert!(sm.dedup.contains_key("id-0000002") && sm.dedup.contains_key("new"));
+    // So a retry of it now applies again, as a new request.
+    let again = put_at(&mut sm, n + 3, "id-0000001");
+    assert_eq!(
+        again,
+        Response::KvPut {
+            version: n + 2,
+            revision: n + 3
+        }
+    );
+    assert!(!sm.dedup.contains_key("id-0000002"));
+    deep_check(&sm).unwrap();
 }
 
 #[test]
