@@ -407,7 +407,8 @@ impl Target {
     }
 }
 
-fn transport_code(e: &reqwest::Error) -> String {
+/// The error code of a request that got no answer: `timeout`, `connect` or `transport`.
+pub(crate) fn transport_code(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         "timeout".into()
     } else if e.is_connect() {

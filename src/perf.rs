@@ -22,6 +22,7 @@ use reqwest::Method;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::bench::transport_code;
 use crate::chaos::runner::{parse_duration, Net, ProcCluster};
 use crate::client::{encode_path, encode_segment, new_request_id};
 
@@ -264,15 +265,7 @@ impl Http {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.map_err(|e| {
-            if e.is_timeout() {
-                "timeout".to_string()
-            } else if e.is_connect() {
-                "connect".to_string()
-            } else {
-                "transport".to_string()
-            }
-        })?;
+        let resp = req.send().await.map_err(|e| transport_code(&e))?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if status.is_success() {
@@ -731,29 +724,31 @@ fn dir_mb(dir: &std::path::Path) -> f64 {
     walk(dir) as f64 / (1024.0 * 1024.0)
 }
 
-/// Run `n` requests, 64 at a time, spread over `addrs`.
-async fn load<F>(http: &Http, addrs: &[String], n: u64, what: &str, req: F) -> anyhow::Result<()>
+/// Run `op(i, endpoints)` for `i` in `0..n`, 64 at a time, each with `addrs` rotated by `i`
+/// so the load spreads over the nodes; the answers in order, or how many failed and one error.
+async fn load<T, F, Fut>(addrs: &[String], n: u64, what: &str, op: F) -> anyhow::Result<Vec<T>>
 where
-    F: Fn(u64) -> (Method, String, Value),
+    F: Fn(u64, Vec<String>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     use futures::StreamExt;
-    let results: Vec<anyhow::Result<Value>> = futures::stream::iter((0..n).map(|i| {
-        let (method, path, body) = req(i);
+    let results: Vec<anyhow::Result<T>> = futures::stream::iter((0..n).map(|i| {
         let mut order = addrs.to_vec();
         order.rotate_left(i as usize % addrs.len());
-        async move {
-            http.retry(&order, method, &path, body, Duration::from_secs(30))
-                .await
-        }
+        op(i, order)
     }))
-    .buffer_unordered(64)
+    .buffered(64)
     .collect()
     .await;
     let failed = results.iter().filter(|r| r.is_err()).count();
-    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
-        bail!("{failed} of {n} {what} failed; one: {e:#}");
+    let mut out = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok(v) => out.push(v),
+            Err(e) => bail!("{failed} of {n} {what} failed; one: {e:#}"),
+        }
     }
-    Ok(())
+    Ok(out)
 }
 
 async fn resources(
@@ -768,46 +763,23 @@ async fn resources(
     let addrs: Vec<String> = cluster.addrs.values().cloned().collect();
     let value: String = "v".repeat(256);
     let started = Instant::now();
-    load(http, &addrs, args.keys, "puts", |i| {
+    load(&addrs, args.keys, "puts", |i, order| {
         let path = format!("/v1/kv/{}", encode_path(&format!("perf/keys/{i:08}")));
-        (
-            Method::PUT,
-            path,
-            json!({"value": value, "request_id": new_request_id()}),
-        )
+        let body = json!({"value": value, "request_id": new_request_id()});
+        async move {
+            http.retry(&order, Method::PUT, &path, body, Duration::from_secs(30))
+                .await
+        }
     })
     .await?;
-    let mut ids = vec![0u64; args.leases as usize];
-    {
-        use futures::StreamExt;
-        let all = &addrs;
-        let granted: Vec<anyhow::Result<(usize, u64)>> =
-            futures::stream::iter((0..args.leases as usize).map(|i| async move {
-                let mut order = all.to_vec();
-                order.rotate_left(i % all.len());
-                grant(http, &order, Duration::from_secs(3600))
-                    .await
-                    .map(|id| (i, id))
-            }))
-            .buffer_unordered(64)
-            .collect()
-            .await;
-        for g in granted {
-            let (i, id) = g?;
-            ids[i] = id;
-        }
-    }
-    load(http, &addrs, args.locks, "lock acquires", |i| {
-        let path = format!(
-            "/v1/locks/{}/acquire",
-            encode_segment(&format!("perf-lock-{i}"))
-        );
+    let ids = load(&addrs, args.leases, "lease grants", |_, order| async move {
+        grant(http, &order, Duration::from_secs(3600)).await
+    })
+    .await?;
+    load(&addrs, args.locks, "lock acquires", |i, order| {
+        let lock = format!("perf-lock-{i}");
         let lease = ids[(i % args.leases.max(1)) as usize];
-        (
-            Method::POST,
-            path,
-            json!({"lease_id": lease, "wait_ms": 0, "request_id": new_request_id()}),
-        )
+        async move { acquire(http, &order, &lock, lease, Duration::ZERO).await }
     })
     .await?;
     let load_s = started.elapsed().as_secs_f64();
