@@ -38,8 +38,8 @@ pub fn event_size(e: &Event) -> usize {
 }
 
 pub struct WatchLog {
-    /// (sequence number, event), sequence numbers consecutive.
-    events: VecDeque<(u64, Event)>,
+    /// (sequence number, `event_size`, event), sequence numbers consecutive.
+    events: VecDeque<(u64, usize, Event)>,
     next_seq: u64,
     /// A cursor below this missed events that are gone.
     first_valid_seq: u64,
@@ -97,15 +97,16 @@ impl WatchLog {
     /// Record entry `revision` (applied) and its events.
     pub fn push(&mut self, revision: u64, events: Vec<Event>) {
         for e in events {
-            self.bytes += event_size(&e);
-            self.events.push_back((self.next_seq, e));
+            let size = event_size(&e);
+            self.bytes += size;
+            self.events.push_back((self.next_seq, size, e));
             self.next_seq += 1;
         }
         self.last_revision = self.last_revision.max(revision);
         while self.events.len() > self.cap || (self.bytes > self.max_bytes && self.events.len() > 1)
         {
-            if let Some((seq, e)) = self.events.pop_front() {
-                self.bytes -= event_size(&e);
+            if let Some((seq, size, e)) = self.events.pop_front() {
+                self.bytes -= size;
                 self.first_valid_seq = seq + 1;
                 // Events of `e.revision` may be split now: that revision is no longer whole.
                 self.oldest_revision = self.oldest_revision.max(e.revision + 1);
@@ -126,8 +127,10 @@ impl WatchLog {
         if revision < self.oldest_revision {
             return None;
         }
-        let i = self.events.partition_point(|(_, e)| e.revision < revision);
-        Some(self.events.get(i).map_or(self.next_seq, |(seq, _)| *seq))
+        let i = self
+            .events
+            .partition_point(|(_, _, e)| e.revision < revision);
+        Some(self.events.get(i).map_or(self.next_seq, |(seq, _, _)| *seq))
     }
 
     /// Events from `cursor` on, at most `max`.
@@ -137,20 +140,20 @@ impl WatchLog {
                 oldest_revision: self.oldest_revision,
             };
         }
-        let start = self.events.front().map_or(self.next_seq, |(s, _)| *s);
+        let start = self.events.front().map_or(self.next_seq, |(s, _, _)| *s);
         let skip = (cursor - start) as usize;
         let evs: Vec<Event> = self
             .events
             .iter()
             .skip(skip)
             .take(max)
-            .map(|(_, e)| e.clone())
+            .map(|(_, _, e)| e.clone())
             .collect();
         let next = cursor + evs.len() as u64;
         // Delivered through: the last revision if nothing is left, else just before the next.
         let through = match self.events.get(skip + evs.len()) {
             None => self.last_revision,
-            Some((_, e)) => e.revision.saturating_sub(1),
+            Some((_, _, e)) => e.revision.saturating_sub(1),
         };
         Read::Events(evs, next, through)
     }
