@@ -16,6 +16,7 @@
 mod barrier;
 mod condition;
 mod deadlock;
+mod dedup;
 mod double_barrier;
 mod election;
 mod events;
@@ -30,6 +31,8 @@ mod types;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
+
+use dedup::RequestIds;
 
 pub use barrier::{Barrier, BarrierPass, BarrierRelease, BarrierWaiter, MAX_PARTIES};
 pub use condition::{CondWaiter, Condition};
@@ -63,12 +66,6 @@ pub const LEADER_GRACE_MS: u64 = 2_000;
 /// Longest a lock waiter may wait.
 pub const MAX_WAIT_MS: u64 = 60 * 60 * 1000;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct Dedup {
-    time_ms: u64,
-    response: Response,
-}
-
 /// The whole replicated coordination state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sm {
@@ -86,8 +83,8 @@ pub struct Sm {
     pub locks: BTreeMap<String, Lock>,
     /// (deadline_ms, lock, lease_id) of every waiter.
     wait_expiry: BTreeSet<(u64, String, u64)>,
-    dedup: BTreeMap<String, Dedup>,
-    dedup_by_time: BTreeSet<(u64, String)>,
+    /// Answered request ids (`dedup.rs`).
+    dedup: RequestIds,
     /// Node ids removed from the cluster: never reused.
     #[serde(default)]
     pub retired_nodes: BTreeSet<u64>,
@@ -137,7 +134,7 @@ impl Sm {
             self.lease_grace(now, LEADER_GRACE_MS);
         }
         self.expire(now, index);
-        self.forget_old_requests(now, false);
+        self.dedup.forget(now, DEDUP_RETENTION_MS, usize::MAX);
         if let Some(id) = &entry.request_id {
             if let Some(d) = self.dedup.get(id) {
                 return d.response.clone();
@@ -145,15 +142,9 @@ impl Sm {
         }
         let response = self.dispatch(index, now, &entry.cmd);
         if let Some(id) = &entry.request_id {
-            self.forget_old_requests(now, true);
-            self.dedup.insert(
-                id.clone(),
-                Dedup {
-                    time_ms: now,
-                    response: response.clone(),
-                },
-            );
-            self.dedup_by_time.insert((now, id.clone()));
+            self.dedup
+                .forget(now, DEDUP_RETENTION_MS, DEDUP_MAX_IDS - 1);
+            self.dedup.insert(id, now, response.clone());
         }
         response
     }
@@ -317,19 +308,6 @@ impl Sm {
             } else {
                 return;
             }
-        }
-    }
-
-    /// Forget ids past retention, and (`room`: one is about to be added) the oldest while the
-    /// table is full.
-    fn forget_old_requests(&mut self, now: u64, room: bool) {
-        while let Some((t, id)) = self.dedup_by_time.first().cloned() {
-            let full = room && self.dedup_by_time.len() >= DEDUP_MAX_IDS;
-            if t + DEDUP_RETENTION_MS > now && !full {
-                break;
-            }
-            self.dedup_by_time.pop_first();
-            self.dedup.remove(&id);
         }
     }
 

@@ -68,10 +68,10 @@ pub(super) fn deep_check(sm: &Sm) -> Result<(), String> {
             return Err(format!("key {key} has inconsistent versions {e:?}"));
         }
     }
-    if sm.dedup.len() != sm.dedup_by_time.len() {
+    if sm.dedup.len() != sm.dedup.by_time().count() {
         return Err("dedup indexes differ in size".into());
     }
-    for (t, id) in &sm.dedup_by_time {
+    for (t, id) in sm.dedup.by_time() {
         if sm.dedup.get(id).map(|d| d.time_ms) != Some(*t) {
             return Err(format!("dedup time index entry ({t}, {id}) out of sync"));
         }
