@@ -37,8 +37,11 @@ pub struct ServeArgs {
     /// election timeout: 900 to 1200 ms with the default (docs/benchmarks.md, failover).
     #[arg(long, env = "CONCORD_ELECTION_MS", default_value_t = 300)]
     pub election_ms: u64,
-    /// Take a snapshot after this many log entries.
-    #[arg(long, env = "CONCORD_SNAPSHOT_ENTRIES", default_value_t = 20000)]
+    /// Take a snapshot after this many log entries. A snapshot encodes the whole state, so
+    /// its cost per entry is the state's size over this; the log tail it leaves lives on disk,
+    /// not in memory, and a restart replays it (docs/benchmarks.md, restart). etcd's default
+    /// (`--snapshot-count`, 3.4) is the same.
+    #[arg(long, env = "CONCORD_SNAPSHOT_ENTRIES", default_value_t = 100_000)]
     pub snapshot_entries: u64,
     /// Enable the link fault switch (`/admin/faults`) for chaos tests. Off by default.
     #[arg(long, env = "CONCORD_ENABLE_FAULT_INJECTION", default_value_t = false)]

@@ -86,7 +86,7 @@ async fn acquire(
             "wait_ms must be at most {MAX_WAIT_MS}"
         )));
     }
-    let applied = node.sm.subscribe();
+    let applied = node.sm.subscribe_lease(b.lease_id);
     let since = node.sm.read().sm.index;
     let cmd = Command::SemAcquire {
         name: name.clone(),

@@ -18,6 +18,7 @@ use super::error::ApiError;
 use super::{deadlocks, ApiJson, ApiQuery};
 use crate::node::{now_ms, Node};
 use crate::sm::{Command, ErrorCode, Fence, LockMode, Response, MAX_WAIT_MS};
+use crate::store::Wakeup;
 
 /// Longest key, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -619,7 +620,7 @@ async fn lock_acquire(
     }
     // Subscribe before proposing so no applied change is missed; deadlock records after
     // `since` are about this call's wait.
-    let applied = node.sm.subscribe();
+    let applied = node.sm.subscribe_lease(b.lease_id);
     let since = node.sm.read().sm.index;
     let cmd = Command::LockAcquire {
         name: name.clone(),
@@ -695,11 +696,12 @@ pub(super) enum WaitState {
 /// that wait rather than starting a new one.
 pub(super) async fn wait_for_grant(
     node: &Node,
-    mut applied: tokio::sync::watch::Receiver<u64>,
+    applied: impl Into<Wakeup>,
     lease_id: u64,
     what: &str,
     probe: impl Fn(&crate::sm::Sm) -> WaitState,
 ) -> Result<u64, ApiError> {
+    let mut applied = applied.into();
     let mut deadline = None;
     let mut stopping = node.stopping.subscribe();
     loop {
@@ -730,7 +732,7 @@ pub(super) async fn wait_for_grant(
         }
         let until = deadline.unwrap_or_else(tokio::time::Instant::now);
         let woke = tokio::select! {
-            r = applied.changed() => r.is_ok(),
+            r = applied.changed() => r,
             _ = stopping.wait_for(|s| *s) => false,
             _ = tokio::time::sleep_until(until) => false,
         };

@@ -24,7 +24,7 @@ use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 pub mod watch;
 
 pub use log_store::{FsyncStats, LogStore};
-pub use state_machine::{SmShared, SmState, StateMachineStore};
+pub use state_machine::{SmShared, SmState, StateMachineStore, Wakeup};
 
 pub(crate) const CF_META: &str = "meta";
 pub(crate) const CF_LOGS: &str = "logs";

@@ -1,7 +1,9 @@
 //! The openraft state-machine adaptor: decodes entries, applies them to the pure [`Sm`],
 //! answers the waiting client, and persists snapshots.
 
+use std::collections::HashMap;
 use std::io::{self, Cursor};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use futures::{Stream, StreamExt};
@@ -33,6 +35,12 @@ pub struct SmShared {
     applied: watch::Sender<u64>,
     /// Change events of the applied entries, for `/v1/watch`.
     history: Mutex<WatchLog>,
+    /// Per lease, the wake-up of the calls blocked on one of its waits (lock and semaphore
+    /// acquires); see [`SmShared::subscribe_lease`].
+    lease_wakers: Mutex<HashMap<u64, watch::Sender<u64>>>,
+    /// Size of the last snapshot built: the next one's buffer starts this large, so encoding
+    /// (under the state lock) does not also copy the buffer over while it grows.
+    snapshot_bytes: AtomicUsize,
 }
 
 impl SmShared {
@@ -42,6 +50,39 @@ impl SmShared {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
+    }
+
+    /// A wake-up for a call blocked on a wait of `lease_id`: it fires after an applied entry
+    /// changed something of that lease (an event naming it: a grant, the end of its wait,
+    /// the end of the lease) or a deadlock was resolved, not on every applied entry. With
+    /// hundreds of blocked acquires, waking each of them on every entry to look for its own
+    /// grant was most of the leader's work under `lock-contended` (docs/benchmarks.md).
+    /// Take it before proposing the acquire, so no change is missed.
+    pub fn subscribe_lease(self: &Arc<Self>, lease_id: u64) -> Wakeup {
+        let mut wakers = self.wakers();
+        let rx = wakers
+            .entry(lease_id)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe();
+        Wakeup {
+            rx,
+            lease: Some((self.clone(), lease_id)),
+        }
+    }
+
+    fn wakers(&self) -> MutexGuard<'_, HashMap<u64, watch::Sender<u64>>> {
+        self.lease_wakers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wake the calls waiting on `leases` (all of them when `all`).
+    fn wake_leases(&self, leases: &[u64], all: bool) {
+        let wakers = self.wakers();
+        let bump = |tx: &watch::Sender<u64>| tx.send_modify(|n| *n += 1);
+        if all {
+            wakers.values().for_each(bump);
+        } else {
+            leases.iter().filter_map(|l| wakers.get(l)).for_each(bump);
+        }
     }
 
     pub fn history(&self) -> MutexGuard<'_, WatchLog> {
@@ -55,7 +96,58 @@ impl SmShared {
         self.history().reset(index);
         drop(state);
         self.applied.send_replace(index);
+        self.wake_leases(&[], true);
     }
+}
+
+/// What a blocked call waits on to look at the state again: every applied entry
+/// ([`SmShared::subscribe`]) or the changes of one lease ([`SmShared::subscribe_lease`]).
+pub struct Wakeup {
+    rx: watch::Receiver<u64>,
+    lease: Option<(Arc<SmShared>, u64)>,
+}
+
+impl Wakeup {
+    /// Resolves at the next wake-up; `false` when the node is shutting down.
+    pub async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
+}
+
+impl From<watch::Receiver<u64>> for Wakeup {
+    fn from(rx: watch::Receiver<u64>) -> Wakeup {
+        Wakeup { rx, lease: None }
+    }
+}
+
+impl Drop for Wakeup {
+    fn drop(&mut self) {
+        if let Some((shared, lease_id)) = self.lease.take() {
+            let mut wakers = shared.wakers();
+            // Replace our receiver by a dummy so the count below no longer includes it.
+            self.rx = watch::channel(0).1;
+            if wakers
+                .get(&lease_id)
+                .is_some_and(|tx| tx.receiver_count() == 0)
+            {
+                wakers.remove(&lease_id);
+            }
+        }
+    }
+}
+
+/// The leases an entry's events name (`lease_id` in the detail, which every event of a
+/// lease, a lock or a semaphore wait carries); `true` when a deadlock was resolved, which
+/// can cancel any wait.
+fn touched_leases(events: &[crate::sm::Event], out: &mut Vec<u64>) -> bool {
+    let mut all = false;
+    for e in events {
+        all |= e.kind == "deadlock";
+        if let Some(id) = e.detail.get("lease_id").and_then(|v| v.as_u64()) {
+            out.push(id);
+        }
+    }
+    all
 }
 
 #[derive(Clone)]
@@ -72,6 +164,8 @@ impl StateMachineStore {
                 state: RwLock::new(SmState::default()),
                 applied: tx,
                 history: Mutex::new(WatchLog::new(DEFAULT_WATCH_HISTORY)),
+                lease_wakers: Mutex::new(HashMap::new()),
+                snapshot_bytes: AtomicUsize::new(0),
             }),
             db,
         };
@@ -125,10 +219,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     ) -> Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>, io::Error> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             // Serialize under the read lock: the copy is exactly the state at `last_applied`.
             let (meta, data) = {
+                let hint = store.shared.snapshot_bytes.load(Ordering::Relaxed);
+                let mut data = Vec::with_capacity(hint + hint / 8);
                 let st = store.shared.read();
-                let data = serde_json::to_vec(&*st).map_err(invalid_data)?;
+                serde_json::to_writer(&mut data, &*st).map_err(invalid_data)?;
                 let last = st.last_applied;
                 let meta = SnapshotMeta {
                     last_log_id: last,
@@ -136,7 +233,19 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 };
                 (meta, data)
             };
+            let encoded = started.elapsed();
+            store
+                .shared
+                .snapshot_bytes
+                .store(data.len(), Ordering::Relaxed);
             store.save_snapshot(&meta, &data)?;
+            tracing::info!(
+                index = meta.last_log_id.map_or(0, |l| l.index()),
+                bytes = data.len(),
+                encode_ms = encoded.as_millis() as u64,
+                total_ms = started.elapsed().as_millis() as u64,
+                "snapshot built"
+            );
             Ok(Snapshot {
                 meta,
                 snapshot: Cursor::new(data),
@@ -161,6 +270,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
         let mut last = None;
+        let (mut touched, mut wake_all) = (Vec::new(), false);
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             let log_id = entry.log_id();
@@ -183,6 +293,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 // Under the state lock, so the history is in apply order and complete before
                 // the applied index moves.
                 let events = st.sm.take_events();
+                wake_all |= touched_leases(&events, &mut touched);
                 self.shared.history().push(index, events);
                 response
             };
@@ -193,6 +304,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         if let Some(i) = last {
             self.shared.applied.send_replace(i);
+        }
+        if wake_all || !touched.is_empty() {
+            self.shared.wake_leases(&touched, wake_all);
         }
         Ok(())
     }
@@ -224,5 +338,77 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta,
             snapshot: Cursor::new(data),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::sm::Event;
+
+    fn shared() -> Arc<SmShared> {
+        Arc::new(SmShared {
+            state: RwLock::new(SmState::default()),
+            applied: watch::channel(0).0,
+            history: Mutex::new(WatchLog::new(16)),
+            lease_wakers: Mutex::new(HashMap::new()),
+            snapshot_bytes: AtomicUsize::new(0),
+        })
+    }
+
+    fn event(kind: &str, detail: serde_json::Value) -> Event {
+        Event {
+            revision: 1,
+            kind: kind.into(),
+            name: "x".into(),
+            action: "granted".into(),
+            detail,
+        }
+    }
+
+    async fn woke(w: &mut Wakeup) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), w.changed())
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Wake the subscribers that the events of one applied batch concern.
+    fn apply_events(sh: &SmShared, events: &[Event]) {
+        let mut touched = Vec::new();
+        let all = touched_leases(events, &mut touched);
+        sh.wake_leases(&touched, all);
+    }
+
+    #[tokio::test]
+    async fn a_lease_wakeup_fires_for_events_naming_its_lease_and_for_deadlocks_only() {
+        let sh = shared();
+        let (mut one, mut two) = (sh.subscribe_lease(1), sh.subscribe_lease(2));
+        apply_events(&sh, &[event("lock", json!({"lease_id": 1, "token": 9}))]);
+        assert!(woke(&mut one).await);
+        assert!(!woke(&mut two).await);
+        apply_events(&sh, &[event("kv", json!({"value": "v"}))]);
+        assert!(!woke(&mut one).await && !woke(&mut two).await);
+        apply_events(&sh, &[event("deadlock", json!({"lease_id": 7}))]);
+        assert!(woke(&mut one).await && woke(&mut two).await);
+        // A snapshot replaces everything: every waiter looks again.
+        sh.replace(SmState::default());
+        assert!(woke(&mut one).await && woke(&mut two).await);
+    }
+
+    #[tokio::test]
+    async fn a_lease_wakeup_is_forgotten_with_its_last_subscriber() {
+        let sh = shared();
+        let (a, b) = (sh.subscribe_lease(3), sh.subscribe_lease(3));
+        drop(a);
+        assert!(sh.wakers().contains_key(&3));
+        drop(b);
+        assert!(sh.wakers().is_empty());
+        let plain: Wakeup = sh.subscribe().into();
+        drop(plain);
+        assert!(sh.wakers().is_empty());
     }
 }
