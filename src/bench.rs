@@ -1153,18 +1153,42 @@ async fn etcd_leader(conn: &Conn) -> Result<Option<String>, String> {
 }
 
 /// Run `f` over `items` with at most `width` at a time; the answers, or the first error.
-async fn in_parallel<T, R, F, Fut>(items: Vec<T>, width: usize, f: F) -> Result<Vec<R>, String>
+/// For set-up steps: `no_leader` and `unavailable` are retried (see [`SETUP_RETRIES`]).
+async fn in_parallel<T: Clone, R, F, Fut>(
+    items: Vec<T>,
+    width: usize,
+    f: F,
+) -> Result<Vec<R>, String>
 where
     F: Fn(T) -> Fut,
     Fut: std::future::Future<Output = Result<R, String>>,
 {
     use futures::StreamExt;
-    let results: Vec<Result<R, String>> = futures::stream::iter(items.into_iter().map(f))
+    let f = &f;
+    let results: Vec<Result<R, String>> =
+        futures::stream::iter(items.into_iter().map(|item| async move {
+            let mut left = SETUP_RETRIES;
+            loop {
+                match f(item.clone()).await {
+                    Err(code) if left > 0 && (code == "no_leader" || code == "unavailable") => {
+                        left -= 1;
+                        tokio::time::sleep(SETUP_RETRY_PAUSE).await;
+                    }
+                    r => return r,
+                }
+            }
+        }))
         .buffer_unordered(width.max(1))
         .collect()
         .await;
     results.into_iter().collect()
 }
+
+/// A set-up step (not measured) that fails because the cluster has no leader at that moment,
+/// as during an election just after the cluster started, is tried again this many times,
+/// this far apart.
+const SETUP_RETRIES: u32 = 20;
+const SETUP_RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 /// Write every key once, so that gets find them.
 async fn fill_keys(

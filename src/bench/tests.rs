@@ -701,3 +701,36 @@ async fn a_dead_endpoint_counts_connect_errors() {
     assert_eq!(r.ops, 0);
     assert!(r.errors["connect"] > 0, "{:?}", r.errors);
 }
+
+// ---------------------------------------------------------------------------------------
+// Set-up retries
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn set_up_steps_retry_while_there_is_no_leader_and_not_other_errors() {
+    use std::sync::atomic::AtomicU32;
+    let calls = AtomicU32::new(0);
+    // Two answers of `no_leader` (an election), then the step succeeds.
+    let r = in_parallel(vec![7u64], 1, |i| {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            match n {
+                0 | 1 => Err("no_leader".to_string()),
+                _ => Ok(i * 2),
+            }
+        }
+    })
+    .await;
+    assert_eq!(r, Ok(vec![14]));
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+    // Any other error ends the step at once.
+    let calls = AtomicU32::new(0);
+    let r: Result<Vec<u64>, String> = in_parallel(vec![1u64, 2], 1, |_| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async { Err("lease_not_found".to_string()) }
+    })
+    .await;
+    assert_eq!(r, Err("lease_not_found".to_string()));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
