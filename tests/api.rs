@@ -430,3 +430,50 @@ async fn kv_list_pages_with_start_after() {
     );
     c.shutdown().await;
 }
+
+/// A blocked acquire whose wait deadline passes answers `timeout` itself (409), over raw HTTP
+/// with no client retry: the expiry must wake the blocked call. Were it not woken, the call
+/// would give up after the slack and answer `unavailable` (503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_lock_or_semaphore_acquire_answers_timeout_at_its_deadline() {
+    let c = TestCluster::start(1).await;
+    c.wait_leader().await;
+    let h = Http::new(&c.addrs[&1]);
+    let cl = c.client(1);
+    let a = cl.lease_grant(60_000, None).await.unwrap();
+    let b = cl.lease_grant(60_000, None).await.unwrap();
+
+    let (s, _) = h
+        .post("/v1/locks/L/acquire", &json!({"lease_id": a}).to_string())
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = h
+        .post(
+            "/v1/locks/L/acquire",
+            &json!({"lease_id": b, "wait_ms": 300}).to_string(),
+        )
+        .await;
+    assert_eq!((s, &v["error"]["code"]), (409, &json!("timeout")), "{v}");
+
+    let (s, _) = h
+        .post("/v1/semaphores/S", &json!({"capacity": 1}).to_string())
+        .await;
+    assert_eq!(s, 201);
+    let (s, _) = h
+        .post(
+            "/v1/semaphores/S/acquire",
+            &json!({"lease_id": a, "permits": 1}).to_string(),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = h
+        .post(
+            "/v1/semaphores/S/acquire",
+            &json!({"lease_id": b, "permits": 1, "wait_ms": 300}).to_string(),
+        )
+        .await;
+    assert_eq!((s, &v["error"]["code"]), (409, &json!("timeout")), "{v}");
+    let (_, st, _) = h.send(reqwest::Method::GET, "/v1/semaphores/S", None).await;
+    assert_eq!(st["queue"], json!([]), "{st}");
+    c.shutdown().await;
+}

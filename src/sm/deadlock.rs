@@ -356,9 +356,7 @@ impl Sm {
         });
         match resource.split_once(':') {
             Some(("lock", name)) => self.end_lock_wait(index, name, victim, "wait_cancelled"),
-            Some(("semaphore", name)) => {
-                self.end_sem_wait(index, name, victim, Some("wait_cancelled"))
-            }
+            Some(("semaphore", name)) => self.end_sem_wait(index, name, victim, "wait_cancelled"),
             _ => {}
         }
     }

@@ -300,7 +300,7 @@ impl Sm {
                 self.sem_wait_expiry.first().filter(|e| e.0 == d)
             {
                 let (name, lease_id) = (name.clone(), *lease_id);
-                self.end_sem_wait(index, &name, lease_id, None);
+                self.end_sem_wait(index, &name, lease_id, "wait_expired");
             } else if self.timers.first().is_some_and(|e| e.0 == d) {
                 if let Some((_, t)) = self.timers.pop_first() {
                     self.timer_fired(index, &t);

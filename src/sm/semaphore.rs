@@ -304,24 +304,17 @@ impl Sm {
         }
     }
 
-    /// End `lease_id`'s wait on `name` (deadline passed, or cancelled as a deadlock victim,
-    /// then emitting `action`) and grant the ones it blocked.
-    pub(super) fn end_sem_wait(
-        &mut self,
-        index: u64,
-        name: &str,
-        lease_id: u64,
-        action: Option<&str>,
-    ) {
+    /// End `lease_id`'s wait on `name` (`wait_expired`: its deadline passed; `wait_cancelled`:
+    /// a deadlock victim), emitting `action`, and grant the ones it blocked. The event is what
+    /// wakes the blocked acquire (`SmShared::subscribe_lease`).
+    pub(super) fn end_sem_wait(&mut self, index: u64, name: &str, lease_id: u64, action: &str) {
         self.sem_unqueue(name, lease_id);
-        if let Some(action) = action {
-            self.emit(
-                "semaphore",
-                name,
-                action,
-                serde_json::json!({"lease_id": lease_id}),
-            );
-        }
+        self.emit(
+            "semaphore",
+            name,
+            action,
+            serde_json::json!({"lease_id": lease_id}),
+        );
         // The head may have been the one that did not fit.
         self.sem_hand_off(index, name);
     }

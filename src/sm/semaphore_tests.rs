@@ -856,6 +856,23 @@ fn a_waiter_is_removed_at_its_deadline_and_the_ones_behind_it_that_fit_are_grant
     assert!(h.sm.leases[&b].sems.is_empty());
 }
 
+/// The event is what wakes the blocked HTTP acquire, which then answers `timeout`.
+#[test]
+fn a_wait_that_reaches_its_deadline_emits_wait_expired_naming_the_lease() {
+    let (mut h, a, b, _) = setup(2);
+    h.take(0, "S", a, 2);
+    h.wait(0, "S", b, 1, 1_000, 0);
+    h.sm.take_events();
+    h.tick(1_000);
+    let events = h.sm.take_events_of("semaphore");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.name == "S" && e.action == "wait_expired" && e.detail["lease_id"] == b),
+        "{events:?}"
+    );
+}
+
 #[test]
 fn a_wait_deadline_passed_before_any_entry_is_handled_by_the_next_one() {
     let (mut h, a, b, c) = setup(2);

@@ -137,8 +137,10 @@ impl Drop for Wakeup {
 }
 
 /// The leases an entry's events name (`lease_id` in the detail, which every event of a
-/// lease, a lock or a semaphore wait carries); `true` when a deadlock was resolved, which
-/// can cancel any wait.
+/// lease, of a lock or semaphore grant, and of the end of a lock or semaphore wait carries:
+/// `wait_expired`, `wait_cancelled`); `true` when a deadlock was resolved, which can cancel
+/// any wait. A change to a wait that emitted no such event would leave the blocked call
+/// asleep until its slack ran out (tests/api.rs checks the expiry of both kinds of wait).
 fn touched_leases(events: &[crate::sm::Event], out: &mut Vec<u64>) -> bool {
     let mut all = false;
     for e in events {
