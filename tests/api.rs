@@ -443,36 +443,34 @@ async fn a_blocked_lock_or_semaphore_acquire_answers_timeout_at_its_deadline() {
     let a = cl.lease_grant(60_000, None).await.unwrap();
     let b = cl.lease_grant(60_000, None).await.unwrap();
 
-    let (s, _) = h
-        .post("/v1/locks/L/acquire", &json!({"lease_id": a}).to_string())
-        .await;
-    assert_eq!(s, 200);
-    let (s, v) = h
-        .post(
-            "/v1/locks/L/acquire",
-            &json!({"lease_id": b, "wait_ms": 300}).to_string(),
-        )
-        .await;
-    assert_eq!((s, &v["error"]["code"]), (409, &json!("timeout")), "{v}");
+    // `holder` takes `path` at once; `waiter` then waits 300 ms for it and gets `timeout`.
+    let times_out_behind = |path: &'static str, holder: Value, waiter: Value| {
+        let h = &h;
+        async move {
+            let (s, v) = h.post(path, &holder.to_string()).await;
+            assert_eq!(s, 200, "{v}");
+            let (s, v) = h.post(path, &waiter.to_string()).await;
+            assert_eq!((s, &v["error"]["code"]), (409, &json!("timeout")), "{v}");
+        }
+    };
+
+    times_out_behind(
+        "/v1/locks/L/acquire",
+        json!({"lease_id": a}),
+        json!({"lease_id": b, "wait_ms": 300}),
+    )
+    .await;
 
     let (s, _) = h
         .post("/v1/semaphores/S", &json!({"capacity": 1}).to_string())
         .await;
     assert_eq!(s, 201);
-    let (s, _) = h
-        .post(
-            "/v1/semaphores/S/acquire",
-            &json!({"lease_id": a, "permits": 1}).to_string(),
-        )
-        .await;
-    assert_eq!(s, 200);
-    let (s, v) = h
-        .post(
-            "/v1/semaphores/S/acquire",
-            &json!({"lease_id": b, "permits": 1, "wait_ms": 300}).to_string(),
-        )
-        .await;
-    assert_eq!((s, &v["error"]["code"]), (409, &json!("timeout")), "{v}");
+    times_out_behind(
+        "/v1/semaphores/S/acquire",
+        json!({"lease_id": a, "permits": 1}),
+        json!({"lease_id": b, "permits": 1, "wait_ms": 300}),
+    )
+    .await;
     let (_, st, _) = h.send(reqwest::Method::GET, "/v1/semaphores/S", None).await;
     assert_eq!(st["queue"], json!([]), "{st}");
     c.shutdown().await;

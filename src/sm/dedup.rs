@@ -82,14 +82,6 @@ impl std::ops::Index<&str> for RequestIds {
     }
 }
 
-#[cfg(test)]
-impl std::ops::Index<&String> for RequestIds {
-    type Output = Dedup;
-    fn index(&self, id: &String) -> &Dedup {
-        &self.by_id[id.as_str()]
-    }
-}
-
 /// The snapshot form is the id map alone: `{"<id>": {"time_ms": .., "response": ..}}`, the
 /// same as the `dedup` field of snapshots written before the time index was left out (their
 /// `dedup_by_time` field is ignored on load).

@@ -1874,7 +1874,7 @@ impl Run {
             prop_assert_eq!(&self.sm, &twin, "a duplicate request changed the state");
         } else {
             if let Some(id) = &entry.request_id {
-                prop_assert_eq!(&self.sm.dedup[id].response, &resp);
+                prop_assert_eq!(&self.sm.dedup[id.as_str()].response, &resp);
                 twin.dedup.get_mut(id).expect("twin recorded it").response = resp.clone();
             }
             self.check_response(&entry.cmd, &resp, &pre, &twin, index, now)?;

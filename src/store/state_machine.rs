@@ -124,11 +124,10 @@ impl Drop for Wakeup {
     fn drop(&mut self) {
         if let Some((shared, lease_id)) = self.lease.take() {
             let mut wakers = shared.wakers();
-            // Replace our receiver by a dummy so the count below no longer includes it.
-            self.rx = watch::channel(0).1;
+            // Subscribing and dropping both hold the lock, so the count is exact: 1 is ours.
             if wakers
                 .get(&lease_id)
-                .is_some_and(|tx| tx.receiver_count() == 0)
+                .is_some_and(|tx| tx.receiver_count() == 1)
             {
                 wakers.remove(&lease_id);
             }
