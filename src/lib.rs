@@ -11,6 +11,7 @@ pub mod faults;
 pub mod network;
 pub mod node;
 pub mod perf;
+pub mod propose;
 pub mod sm;
 pub mod store;
 pub mod types;

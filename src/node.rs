@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openraft::errors::{ClientWriteError, RaftError};
+use openraft::errors::RaftError;
 use openraft::{BasicNode, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Mutex};
@@ -16,9 +16,13 @@ use crate::api::error::ApiError;
 use crate::config::Config;
 use crate::faults::Faults;
 use crate::network::Network;
+use crate::propose;
 use crate::sm::{Command, ErrorCode, LogEntry, Response};
 use crate::store::{self, FsyncStats, SmShared};
 use crate::types::{NodeId, Raft};
+
+/// How long a request waits for an election to produce a leader before answering 503.
+pub const LEADER_WAIT: Duration = Duration::from_secs(3);
 
 /// How often the leader checks for due deadlines.
 const TICK_INTERVAL: Duration = Duration::from_millis(50);
@@ -39,6 +43,8 @@ pub struct Node {
     /// Set when the node shuts down, so blocked calls answer at once (and clients retry
     /// elsewhere) instead of waiting on a state machine that no longer moves.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Writes proposed on a follower go to the leader through this queue (`propose.rs`).
+    pub forwarder: crate::propose::Forwarder,
     /// DELIBERATELY UNSAFE debugging mode: serve every read from local state without a read
     /// index. Exists so the chaos checkers can be shown to catch stale reads.
     pub unsafe_stale_reads: bool,
@@ -52,22 +58,64 @@ pub fn now_ms() -> u64 {
 }
 
 impl Node {
-    /// Propose a command through Raft on this node (it must be the leader) and return the
-    /// state machine's response. `ForwardToLeader` becomes `no_leader` (503, retry).
+    /// Propose a command through Raft and return the state machine's response once this node
+    /// has applied it. On a follower the entry goes to the leader in a batch with others
+    /// (`propose.rs`). No leader within [`LEADER_WAIT`]: `no_leader` (503, retry).
     pub async fn propose(
         &self,
         cmd: Command,
         request_id: Option<String>,
     ) -> Result<Response, ApiError> {
+        self.propose_at(cmd, request_id).await.map(|(_, r)| r)
+    }
+
+    /// [`Node::propose`], also returning the entry's log index.
+    pub async fn propose_at(
+        &self,
+        cmd: Command,
+        request_id: Option<String>,
+    ) -> Result<(u64, Response), ApiError> {
         let entry = LogEntry {
             time_ms: now_ms(),
             request_id,
             cmd,
         };
-        match self.raft.client_write(entry).await {
-            Ok(r) => Ok(r.data),
-            Err(e) => Err(write_error(e)),
+        let leader = self
+            .wait_for_leader()
+            .await
+            .ok_or_else(|| ApiError::new(ErrorCode::NoLeader, "no leader is elected; retry"))?;
+        if leader == self.id {
+            return match self.raft.client_write(entry).await {
+                Ok(r) => Ok((r.log_id.index(), r.data)),
+                Err(RaftError::APIError(e)) => Err(propose::write_error(e).into()),
+                Err(RaftError::Fatal(e)) => Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("raft stopped: {e}"),
+                )),
+            };
         }
+        let (index, response) = self.forwarder.submit(entry).await?;
+        propose::await_applied(self, index).await?;
+        Ok((index, response))
+    }
+
+    /// The current leader, waiting up to [`LEADER_WAIT`] for an election to produce one.
+    pub async fn wait_for_leader(&self) -> Option<NodeId> {
+        if let Some(l) = self.current_leader() {
+            return Some(l);
+        }
+        let mut rx = self.raft.metrics();
+        let wait = async {
+            loop {
+                if let Some(l) = rx.borrow_and_update().current_leader {
+                    return Some(l);
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(LEADER_WAIT, wait).await.ok().flatten()
     }
 
     pub fn current_leader(&self) -> Option<NodeId> {
@@ -94,19 +142,6 @@ impl Node {
             .await
             .map(|_| ())
             .map_err(|e| ApiError::new(ErrorCode::NoLeader, format!("read index failed: {e}")))
-    }
-}
-
-fn write_error(
-    e: RaftError<crate::types::TypeConfig, ClientWriteError<crate::types::TypeConfig>>,
-) -> ApiError {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ApiError::new(
-            ErrorCode::NoLeader,
-            format!("this node is not the leader (leader: {:?})", f.leader_id),
-        ),
-        RaftError::APIError(e) => ApiError::new(ErrorCode::Unavailable, e.to_string()),
-        RaftError::Fatal(e) => ApiError::new(ErrorCode::Unavailable, format!("raft stopped: {e}")),
     }
 }
 
@@ -163,6 +198,7 @@ pub async fn start_with_listener(cfg: Config, listener: TcpListener) -> anyhow::
         .tcp_nodelay(true)
         .no_proxy()
         .build()?;
+    let (forwarder, queue) = propose::Forwarder::new();
     let node = Arc::new(Node {
         id: cfg.id,
         addr: cfg.advertise.clone(),
@@ -172,9 +208,11 @@ pub async fn start_with_listener(cfg: Config, listener: TcpListener) -> anyhow::
         http,
         membership_lock: Mutex::new(()),
         faults,
+        forwarder,
         stopping: tokio::sync::watch::channel(false).0,
         unsafe_stale_reads: cfg.unsafe_stale_reads,
     });
+    tokio::spawn(propose::run(Arc::downgrade(&node), queue));
     if cfg.unsafe_stale_reads {
         tracing::warn!("--unsafe-stale-reads: reads skip the read index and may be stale");
     }

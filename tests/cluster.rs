@@ -84,6 +84,79 @@ async fn writes_through_a_follower_survive_a_leader_kill() {
     c.shutdown().await;
 }
 
+/// Writes sent to a follower reach the leader as commands, many per RPC, and are answered
+/// once the follower itself has applied them; a lock acquire queued through a follower gets
+/// its grant there when the holder releases on the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_batches_writes_for_the_leader_and_answers_after_applying_them() {
+    let c = TestCluster::start(3).await;
+    let leader = c.wait_leader().await;
+    let follower = follower_of(&c, leader);
+    let cl = std::sync::Arc::new(c.client(follower));
+    let counters = |v: &serde_json::Value| {
+        let n = |k: &str| v[k].as_u64().unwrap();
+        (n("forwarded_batches"), n("forwarded_entries"))
+    };
+    let (b0, e0) = counters(&cl.cluster().await.unwrap());
+
+    let puts = (0..200).map(|i| {
+        let cl = cl.clone();
+        async move {
+            let key = format!("batch/{i}");
+            let put = cl.kv_put(&key, json!({"value": i.to_string()})).await;
+            // Answered only after this node applied it: a stale read here sees it.
+            let seen = cl.kv_get(&key, true).await;
+            (put, seen)
+        }
+    });
+    for (i, (put, seen)) in futures::future::join_all(puts)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(put.unwrap()["version"], 1);
+        assert_eq!(seen.unwrap()["value"], i.to_string());
+    }
+    let (b1, e1) = counters(&cl.cluster().await.unwrap());
+    assert_eq!(
+        e1 - e0,
+        200,
+        "every put went to the leader as a forwarded entry"
+    );
+    assert!(
+        b1 - b0 < 200,
+        "200 concurrent puts took {} batches",
+        b1 - b0
+    );
+    // The leader forwarded nothing: it proposes its own.
+    assert_eq!(counters(&c.client(leader).cluster().await.unwrap()).1, 0);
+
+    // Hand-off to an acquire that waits on the follower.
+    let a = cl.lease_grant(60_000, Some("a")).await.unwrap();
+    let b = cl.lease_grant(60_000, Some("b")).await.unwrap();
+    let first = cl.lock_acquire("hand", a, 0).await.unwrap();
+    let waiter = {
+        let cl = cl.clone();
+        tokio::spawn(async move { cl.lock_acquire("hand", b, 20_000).await })
+    };
+    let on_leader = c.client(leader);
+    while on_leader.lock_status("hand").await.unwrap()["queue"]
+        .as_array()
+        .is_none_or(|q| q.is_empty())
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let released = on_leader.lock_release("hand", a).await.unwrap();
+    assert_eq!(released["next_holder"], b);
+    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter on the follower was not woken")
+        .unwrap()
+        .unwrap();
+    assert!(second > first, "token {second} after {first}");
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarted_node_recovers_from_disk_and_catches_up() {
     let mut c = TestCluster::start(3).await;

@@ -1,12 +1,11 @@
 //! Leader routing: run on the leader, forward to it, or redirect.
 
-use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -17,8 +16,6 @@ use crate::sm::ErrorCode;
 
 const HOPS_HEADER: &str = "x-concord-hops";
 const MAX_HOPS: u32 = 3;
-/// How long a request waits for an election to produce a leader before answering 503.
-const LEADER_WAIT: Duration = Duration::from_secs(3);
 /// Forwarded requests may block (lock waits up to an hour are allowed).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(3700);
 
@@ -26,12 +23,16 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(3700);
 /// behind this middleware needs the leader.
 pub async fn route_to_leader(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
     let query = req.uri().query().unwrap_or("");
-    let is_get = req.method() == axum::http::Method::GET;
+    let is_get = req.method() == Method::GET;
     // `--unsafe-stale-reads` (a deliberately broken debugging mode): every read is local.
     if is_get && (node.unsafe_stale_reads || query.split('&').any(|p| p == "consistency=stale")) {
         return next.run(req).await;
     }
-    let leader = match wait_for_leader(&node).await {
+    let redirect = query.split('&').any(|p| p == "redirect=true");
+    if !redirect && runs_on_any_node(req.method(), req.uri().path()) {
+        return next.run(req).await;
+    }
+    let leader = match node.wait_for_leader().await {
         Some(l) => l,
         None => {
             return ApiError::new(ErrorCode::NoLeader, "no leader is elected; retry")
@@ -59,7 +60,7 @@ pub async fn route_to_leader(State(node): State<Arc<Node>>, req: Request, next: 
         .uri()
         .path_and_query()
         .map_or("/".to_string(), |p| p.to_string());
-    if query.split('&').any(|p| p == "redirect=true") {
+    if redirect {
         let location = format!("http://{addr}{path}");
         let mut resp = StatusCode::TEMPORARY_REDIRECT.into_response();
         if let Ok(v) = HeaderValue::from_str(&location) {
@@ -70,22 +71,22 @@ pub async fn route_to_leader(State(node): State<Arc<Node>>, req: Request, next: 
     forward(&node, req, &addr, &path).await
 }
 
-async fn wait_for_leader(node: &Node) -> Option<u64> {
-    if let Some(l) = node.current_leader() {
-        return Some(l);
+/// Writes whose handler only proposes (lock and semaphore acquires then watch the applied state for their
+/// grant) run on whichever node received them: `Node::propose` sends the command to the leader
+/// in a batch and waits until this node applied it, which costs the leader far less than an
+/// HTTP request per write. The other writes, and linearizable reads, are forwarded whole.
+fn runs_on_any_node(method: &Method, path: &str) -> bool {
+    if method == Method::GET {
+        return false;
     }
-    let mut rx = node.raft.metrics();
-    let wait = async {
-        loop {
-            if let Some(l) = rx.borrow_and_update().current_leader {
-                return Some(l);
-            }
-            if rx.changed().await.is_err() {
-                return None;
-            }
-        }
+    let lock_call = |p: &str| {
+        p.strip_prefix("/v1/locks/")
+            .is_some_and(|rest| rest.ends_with("/acquire") || rest.ends_with("/release"))
     };
-    tokio::time::timeout(LEADER_WAIT, wait).await.ok().flatten()
+    ["/v1/kv/", "/v1/leases", "/v1/semaphores/"]
+        .iter()
+        .any(|p| path.starts_with(p))
+        || lock_call(path)
 }
 
 async fn forward(node: &Node, req: Request, addr: &str, path: &str) -> Response {

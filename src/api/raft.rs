@@ -1,4 +1,5 @@
-//! Internal Raft RPC endpoints (`/raft/*`): bincode bodies in and out.
+//! Internal Raft RPC endpoints (`/raft/*`): bincode bodies in and out. `/raft/propose`
+//! carries writes that clients sent to a follower.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use serde::Serialize;
 
 use crate::network::SnapshotRequest;
 use crate::node::Node;
+use crate::sm::LogEntry;
 use crate::types::TypeConfig;
 
 /// Snapshots travel in one body; allow up to 1 GiB on these routes only.
@@ -26,6 +28,7 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/raft/vote", post(vote))
         .route("/raft/pre-vote", post(pre_vote))
         .route("/raft/snapshot", post(snapshot))
+        .route("/raft/propose", post(propose))
         .layer(axum::extract::DefaultBodyLimit::max(RAFT_BODY_LIMIT))
 }
 
@@ -98,6 +101,16 @@ async fn snapshot(State(node): State<Arc<Node>>, body: Bytes) -> Response {
             };
             encode(node.raft.install_full_snapshot(vote, snap).await)
         }
+        Err(m) => bad_body(m),
+    }
+}
+
+/// Entries proposed on a follower (`propose.rs`): submitted as one batch, answered in order.
+async fn propose(State(node): State<Arc<Node>>, body: Bytes) -> Response {
+    match decode::<Vec<LogEntry>>(&body) {
+        Ok(entries) => encode(Ok::<_, String>(
+            crate::propose::write_many(&node, entries).await,
+        )),
         Err(m) => bad_body(m),
     }
 }

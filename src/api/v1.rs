@@ -200,6 +200,8 @@ async fn cluster_status(State(node): State<Arc<Node>>) -> HttpResponse {
         "snapshot_index": m.snapshot.as_ref().map(|l| l.index),
         "fsyncs": node.fsync.fsyncs.load(std::sync::atomic::Ordering::Relaxed),
         "appended_entries": node.fsync.entries.load(std::sync::atomic::Ordering::Relaxed),
+        "forwarded_batches": node.forwarder.stats().batches.load(std::sync::atomic::Ordering::Relaxed),
+        "forwarded_entries": node.forwarder.stats().entries.load(std::sync::atomic::Ordering::Relaxed),
     });
     Json(body).into_response()
 }

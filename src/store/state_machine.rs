@@ -1,7 +1,7 @@
 //! The openraft state-machine adaptor: decodes entries, applies them to the pure [`Sm`],
 //! answers the waiting client, and persists snapshots.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Cursor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
@@ -13,7 +13,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use rocksdb::{WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use super::watch::{WatchLog, DEFAULT_WATCH_HISTORY};
 use super::{invalid_data, io_err, CF_SNAPSHOT};
@@ -38,6 +38,8 @@ pub struct SmShared {
     /// Per lease, the wake-up of the calls blocked on one of its waits (lock and semaphore
     /// acquires); see [`SmShared::subscribe_lease`].
     lease_wakers: Mutex<HashMap<u64, watch::Sender<u64>>>,
+    /// Calls waiting until a given index is applied ([`SmShared::wait_applied`]), by index.
+    index_waiters: Mutex<BTreeMap<u64, Vec<oneshot::Sender<()>>>>,
     /// Size of the last snapshot built: the next one's buffer starts this large, so encoding
     /// (under the state lock) does not also copy the buffer over while it grows.
     snapshot_bytes: AtomicUsize,
@@ -50,6 +52,48 @@ impl SmShared {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
+    }
+
+    /// Resolves once the entry at `index` is applied here; `false` if this state machine went
+    /// away first. Each waiter is woken once, by the apply that reaches its index (a follower
+    /// that forwarded a write waits here for its own entry; waking all of them on every apply
+    /// would cost hundreds of wake-ups per entry under load).
+    pub fn wait_applied(&self, index: u64) -> impl std::future::Future<Output = bool> {
+        let rx = {
+            let mut waiters = self.index_waiters();
+            // Checked under the waiters' lock, which the applier takes after moving the
+            // index: a waiter is either satisfied here or registered before the wake.
+            if *self.applied.borrow() >= index {
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                waiters.entry(index).or_default().push(tx);
+                Some(rx)
+            }
+        };
+        async move {
+            match rx {
+                None => true,
+                Some(rx) => rx.await.is_ok(),
+            }
+        }
+    }
+
+    fn index_waiters(&self) -> MutexGuard<'_, BTreeMap<u64, Vec<oneshot::Sender<()>>>> {
+        self.index_waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Move the applied index to `index` and wake the waiters it satisfies.
+    fn set_applied(&self, index: u64) {
+        self.applied.send_replace(index);
+        let done = {
+            let mut waiters = self.index_waiters();
+            let later = waiters.split_off(&(index + 1));
+            std::mem::replace(&mut *waiters, later)
+        };
+        for tx in done.into_values().flatten() {
+            let _ = tx.send(());
+        }
     }
 
     /// A wake-up for a call blocked on a wait of `lease_id`: it fires after an applied entry
@@ -95,7 +139,7 @@ impl SmShared {
         *state = st;
         self.history().reset(index);
         drop(state);
-        self.applied.send_replace(index);
+        self.set_applied(index);
         self.wake_leases(&[], true);
     }
 }
@@ -166,6 +210,7 @@ impl StateMachineStore {
                 applied: tx,
                 history: Mutex::new(WatchLog::new(DEFAULT_WATCH_HISTORY)),
                 lease_wakers: Mutex::new(HashMap::new()),
+                index_waiters: Mutex::new(BTreeMap::new()),
                 snapshot_bytes: AtomicUsize::new(0),
             }),
             db,
@@ -304,7 +349,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         if let Some(i) = last {
-            self.shared.applied.send_replace(i);
+            self.shared.set_applied(i);
         }
         if wake_all || !touched.is_empty() {
             self.shared.wake_leases(&touched, wake_all);
@@ -357,6 +402,7 @@ mod tests {
             applied: watch::channel(0).0,
             history: Mutex::new(WatchLog::new(16)),
             lease_wakers: Mutex::new(HashMap::new()),
+            index_waiters: Mutex::new(BTreeMap::new()),
             snapshot_bytes: AtomicUsize::new(0),
         })
     }
@@ -398,6 +444,25 @@ mod tests {
         // A snapshot replaces everything: every waiter looks again.
         sh.replace(SmState::default());
         assert!(woke(&mut one).await && woke(&mut two).await);
+    }
+
+    #[tokio::test]
+    async fn an_index_waiter_wakes_when_its_index_is_applied_and_not_before() {
+        use futures::FutureExt;
+        let sh = shared();
+        sh.set_applied(4);
+        assert_eq!(sh.wait_applied(4).now_or_never(), Some(true));
+        let mut five = Box::pin(sh.wait_applied(5));
+        let mut seven = Box::pin(sh.wait_applied(7));
+        assert!(five.as_mut().now_or_never().is_none());
+        assert!(seven.as_mut().now_or_never().is_none());
+        sh.set_applied(6);
+        assert_eq!(five.as_mut().now_or_never(), Some(true));
+        assert!(seven.as_mut().now_or_never().is_none());
+        assert_eq!(sh.index_waiters().len(), 1, "only 7 still waits");
+        sh.set_applied(9);
+        assert_eq!(seven.as_mut().now_or_never(), Some(true));
+        assert!(sh.index_waiters().is_empty());
     }
 
     #[tokio::test]
