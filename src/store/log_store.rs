@@ -91,27 +91,6 @@ impl LogStore {
     }
 }
 
-/// First byte of a log entry stored as bincode. Entries written before it are JSON objects,
-/// which start with `{`, so both read back. JSON cost every node an encode per append and a
-/// decode per read (each replication stream and the apply read the log): bincode is a
-/// fraction of that CPU and of the bytes (docs/benchmarks.md).
-const BINCODE_ENTRY: u8 = 0xb1;
-
-fn encode_entry(entry: &Entry) -> io::Result<Vec<u8>> {
-    let mut v =
-        Vec::with_capacity(1 + bincode::serialized_size(entry).map_err(invalid_data)? as usize);
-    v.push(BINCODE_ENTRY);
-    bincode::serialize_into(&mut v, entry).map_err(invalid_data)?;
-    Ok(v)
-}
-
-fn decode_entry(v: &[u8]) -> io::Result<Entry> {
-    match v.split_first() {
-        Some((&BINCODE_ENTRY, rest)) => bincode::deserialize(rest).map_err(invalid_data),
-        _ => serde_json::from_slice(v).map_err(invalid_data),
-    }
-}
-
 fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
@@ -142,7 +121,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&index) {
                 break;
             }
-            out.push(decode_entry(&v)?);
+            let entry: Entry = serde_json::from_slice(&v).map_err(invalid_data)?;
+            out.push(entry);
         }
         Ok(out)
     }
@@ -165,7 +145,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             None => None,
             Some(item) => {
                 let (_, v) = item.map_err(io_err)?;
-                Some(decode_entry(&v)?.log_id())
+                let e: Entry = serde_json::from_slice(&v).map_err(invalid_data)?;
+                Some(e.log_id())
             }
         };
         Ok(LogState {
@@ -206,7 +187,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         let mut n = 0;
         for entry in entries {
-            let v = encode_entry(&entry)?;
+            let v = serde_json::to_vec(&entry).map_err(invalid_data)?;
             batch.put_cf(self.cf_logs(), index_key(entry.index()), v);
             n += 1;
         }
@@ -239,43 +220,5 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.db
             .delete_range_cf(self.cf_logs(), index_key(0), index_key(log_id.index() + 1))
             .map_err(io_err)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sm::{Command, LogEntry};
-
-    fn entry(index: u64) -> Entry {
-        let data = LogEntry {
-            time_ms: 1_700_000_000_000,
-            request_id: Some("r-1".into()),
-            cmd: Command::KvPut {
-                key: "k".into(),
-                value: "v".into(),
-                lease_id: Some(3),
-                if_version: None,
-                if_absent: false,
-                fence: None,
-            },
-        };
-        let log_id = openraft::testing::log_id::<TypeConfig>(2, 1, index);
-        Entry::new_normal(log_id, data)
-    }
-
-    #[test]
-    fn entries_are_stored_as_bincode_and_json_entries_still_read() {
-        let e = entry(7);
-        let v = encode_entry(&e).unwrap();
-        assert_eq!(v[0], BINCODE_ENTRY);
-        assert_eq!(decode_entry(&v).unwrap(), e);
-        // A log written by an older version.
-        let json = serde_json::to_vec(&e).unwrap();
-        assert_eq!(json[0], b'{');
-        assert_eq!(decode_entry(&json).unwrap(), e);
-        assert!(v.len() < json.len(), "{} vs {} bytes", v.len(), json.len());
-        assert!(decode_entry(&[BINCODE_ENTRY, 1, 2]).is_err());
-        assert!(decode_entry(b"").is_err());
     }
 }
