@@ -10,7 +10,8 @@
 #
 # Settings (environment): WORKLOADS, CLIENTS, DURATION (measured time per run), WARMUP,
 # ROUNDS (runs per system and row; odd rounds start with Concord, even ones with etcd),
-# OUT (where the reports go; default data/bench-vs-etcd/<timestamp>).
+# OUT (where the reports go; default data/bench-vs-etcd/<timestamp>), BIN (the concord binary;
+# default: scripts/build-release.sh builds the optimized one).
 # Installs Debian's etcd-server and etcd-client, and python3 for the table, when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +37,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # Debian's package may start its own etcd (systemd); ours use other ports, so it can stay.
 
-cargo build --all-targets  # same units as the tests: one RocksDB build
-BIN="$CARGO_TARGET_DIR/debug/concord"
+# The optimized build (etcd is a release build too); BIN=... runs another binary instead.
+BIN=${BIN:-$(scripts/build-release.sh)}
 
 mkdir -p "$OUT"
 WORK="$OUT/clusters"

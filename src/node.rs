@@ -60,7 +60,7 @@ pub fn now_ms() -> u64 {
 impl Node {
     /// Propose a command through Raft and return the state machine's response once this node
     /// has applied it. On a follower the entry goes to the leader in a batch with others
-    /// (`propose.rs`). No leader within [`LEADER_WAIT`]: `no_leader` (503, retry).
+    /// (`propose.rs`; no leader within [`LEADER_WAIT`]: `no_leader`, 503, retry).
     pub async fn propose(
         &self,
         cmd: Command,
@@ -80,11 +80,7 @@ impl Node {
             request_id,
             cmd,
         };
-        let leader = self
-            .wait_for_leader()
-            .await
-            .ok_or_else(|| ApiError::new(ErrorCode::NoLeader, "no leader is elected; retry"))?;
-        if leader == self.id {
+        if self.current_leader() == Some(self.id) {
             return match self.raft.client_write(entry).await {
                 Ok(r) => Ok((r.log_id.index(), r.data)),
                 Err(RaftError::APIError(e)) => Err(propose::write_error(e).into()),
@@ -101,13 +97,19 @@ impl Node {
 
     /// The current leader, waiting up to [`LEADER_WAIT`] for an election to produce one.
     pub async fn wait_for_leader(&self) -> Option<NodeId> {
-        if let Some(l) = self.current_leader() {
+        self.wait_for_leader_except(None).await
+    }
+
+    /// The current leader if it is not `stale`, else the next one within [`LEADER_WAIT`].
+    pub async fn wait_for_leader_except(&self, stale: Option<NodeId>) -> Option<NodeId> {
+        let known = |l: Option<NodeId>| l.filter(|l| Some(*l) != stale);
+        if let Some(l) = known(self.current_leader()) {
             return Some(l);
         }
         let mut rx = self.raft.metrics();
         let wait = async {
             loop {
-                if let Some(l) = rx.borrow_and_update().current_leader {
+                if let Some(l) = known(rx.borrow_and_update().current_leader) {
                     return Some(l);
                 }
                 if rx.changed().await.is_err() {

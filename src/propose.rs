@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::api::error::ApiError;
 use crate::node::{now_ms, Node};
 use crate::sm::{ErrorCode, LogEntry, Response};
+use crate::types::NodeId;
 
 /// Entries per batch, at most.
 pub const MAX_BATCH: usize = 512;
@@ -147,6 +148,11 @@ pub async fn run(node: Weak<Node>, queue: Queue) {
                 Err(_) => break,
             }
         }
+        // A request whose client went away while it queued is not proposed at all.
+        batch.retain(|p| !p.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let Some(node) = node.upgrade() else {
             return;
         };
@@ -154,19 +160,8 @@ pub async fn run(node: Weak<Node>, queue: Queue) {
         tokio::spawn(async move {
             let (entries, replies): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|p| (p.entry, p.reply)).unzip();
-            let n = entries.len();
-            let outcomes = send(&node, entries).await;
-            stats.batches.fetch_add(1, Ordering::Relaxed);
-            stats.entries.fetch_add(n as u64, Ordering::Relaxed);
+            let outcomes = send(&node, &stats, entries).await;
             drop(permit);
-            let outcomes = match outcomes {
-                Ok(o) if o.len() == n => o,
-                Ok(o) => {
-                    let msg = format!("the leader answered {} outcomes for {n} entries", o.len());
-                    vec![Err(refusal(ErrorCode::Unavailable, msg)); n]
-                }
-                Err(e) => vec![Err(e); n],
-            };
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome);
             }
@@ -178,14 +173,72 @@ fn encoded_len(e: &LogEntry) -> usize {
     bincode::serialized_size(e).map_or(0, |n| n as usize)
 }
 
-/// One batch to whoever leads now (this node included: leadership may have moved here).
-async fn send(node: &Node, entries: Vec<LogEntry>) -> Result<Vec<Outcome>, Refusal> {
-    let leader = node
-        .wait_for_leader()
-        .await
-        .ok_or_else(|| refusal(ErrorCode::NoLeader, "no leader is elected; retry"))?;
+/// One batch to whoever leads now (this node included: leadership may have moved here). The
+/// entries a stale leader refused (`no_leader`: not proposed) go once more, to the next leader.
+async fn send(node: &Node, stats: &ForwardStats, entries: Vec<LogEntry>) -> Vec<Outcome> {
+    let n = entries.len();
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
+    let mut todo: Vec<usize> = (0..n).collect();
+    let mut stale = None;
+    for _attempt in 0..2 {
+        let Some(leader) = node.wait_for_leader_except(stale).await else {
+            break;
+        };
+        let batch: Vec<&LogEntry> = todo.iter().map(|&i| &entries[i]).collect();
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats
+            .entries
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let answers = match send_to(node, leader, &batch).await {
+            Ok(a) if a.len() == batch.len() => a,
+            Ok(a) => {
+                let msg = format!(
+                    "leader {leader} answered {} outcomes for {} entries",
+                    a.len(),
+                    batch.len()
+                );
+                vec![Err(refusal(ErrorCode::Unavailable, msg)); batch.len()]
+            }
+            Err(e) => vec![Err(e); batch.len()],
+        };
+        let mut again = Vec::new();
+        for (i, answer) in todo.into_iter().zip(answers) {
+            if matches!(&answer, Err(r) if r.code == ErrorCode::NoLeader) {
+                again.push(i);
+            }
+            outcomes[i] = Some(answer);
+        }
+        todo = again;
+        if todo.is_empty() {
+            break;
+        }
+        stale = Some(leader);
+    }
+    let none = || Err(refusal(ErrorCode::NoLeader, "no leader is elected; retry"));
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(none))
+        .collect()
+}
+
+/// One batch to `leader`. `no_leader` answers mean the entries were not proposed; any other
+/// failure leaves their outcome unknown.
+async fn send_to(
+    node: &Node,
+    leader: NodeId,
+    entries: &[&LogEntry],
+) -> Result<Vec<Outcome>, Refusal> {
+    let unknown = |what: String| {
+        refusal(
+            ErrorCode::Unavailable,
+            format!("{what}; the outcome is unknown, retry with the same request_id"),
+        )
+    };
     if leader == node.id {
-        return Ok(write_many(node, entries).await);
+        let owned = entries.iter().map(|e| (*e).clone()).collect();
+        return tokio::time::timeout(PROPOSE_TIMEOUT, write_many(node, owned))
+            .await
+            .map_err(|_| unknown(format!("no commit within {PROPOSE_TIMEOUT:?}")));
     }
     if node.faults.is_blocked(leader) {
         let msg = format!("leader {leader} is unreachable (link cut)");
@@ -197,13 +250,7 @@ async fn send(node: &Node, entries: Vec<LogEntry>) -> Result<Vec<Outcome>, Refus
             format!("leader {leader} has no known address"),
         )
     })?;
-    let unknown = |what: String| {
-        refusal(
-            ErrorCode::Unavailable,
-            format!("{what}; the outcome is unknown, retry with the same request_id"),
-        )
-    };
-    let body = bincode::serialize(&entries).map_err(|e| unknown(e.to_string()))?;
+    let body = bincode::serialize(entries).map_err(|e| unknown(e.to_string()))?;
     let resp = node
         .http
         .post(format!("http://{addr}/raft/propose"))

@@ -140,12 +140,17 @@ async fn a_follower_batches_writes_for_the_leader_and_answers_after_applying_the
         tokio::spawn(async move { cl.lock_acquire("hand", b, 20_000).await })
     };
     let on_leader = c.client(leader);
-    while on_leader.lock_status("hand").await.unwrap()["queue"]
-        .as_array()
-        .is_none_or(|q| q.is_empty())
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let queued = async {
+        while on_leader.lock_status("hand").await.unwrap()["queue"]
+            .as_array()
+            .is_none_or(|q| q.is_empty())
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), queued)
+        .await
+        .expect("the acquire through the follower never queued");
     let released = on_leader.lock_release("hand", a).await.unwrap();
     assert_eq!(released["next_holder"], b);
     let second = tokio::time::timeout(Duration::from_secs(10), waiter)

@@ -76,7 +76,7 @@ pub async fn route_to_leader(State(node): State<Arc<Node>>, req: Request, next: 
 /// in a batch and waits until this node applied it, which costs the leader far less than an
 /// HTTP request per write. The other writes, and linearizable reads, are forwarded whole.
 fn runs_on_any_node(method: &Method, path: &str) -> bool {
-    if method == Method::GET {
+    if ![Method::POST, Method::PUT, Method::DELETE].contains(method) {
         return false;
     }
     let lock_call = |p: &str| {
@@ -150,5 +150,32 @@ async fn forward(node: &Node, req: Request, addr: &str, path: &str) -> Response 
             format!("forwarding to leader failed: {e}"),
         )
         .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_listed_writes_run_on_any_node() {
+        let any = |m: Method, p: &str| runs_on_any_node(&m, p);
+        assert!(any(Method::PUT, "/v1/kv/a/b"));
+        assert!(any(Method::DELETE, "/v1/kv/a"));
+        assert!(any(Method::POST, "/v1/leases"));
+        assert!(any(Method::POST, "/v1/leases/7/keepalive"));
+        assert!(any(Method::DELETE, "/v1/leases/7"));
+        assert!(any(Method::POST, "/v1/locks/l/acquire"));
+        assert!(any(Method::POST, "/v1/locks/l/release"));
+        assert!(any(Method::POST, "/v1/semaphores/s/acquire"));
+        // Reads need the leader's read index, whatever their method.
+        assert!(!any(Method::GET, "/v1/kv/a"));
+        assert!(!any(Method::HEAD, "/v1/kv/a"));
+        assert!(!any(Method::HEAD, "/v1/leases/7"));
+        // Writes whose handler needs more than a proposal.
+        assert!(!any(Method::POST, "/v1/fence/check"));
+        assert!(!any(Method::POST, "/v1/cluster/members"));
+        assert!(!any(Method::POST, "/v1/barriers/b/wait"));
+        assert!(!any(Method::POST, "/v1/locks/l/wait"));
     }
 }

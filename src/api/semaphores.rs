@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::v1::{
-    apply, check_name, ok, read_barrier, unexpected, victim_state, wait_for_grant, ApiResult,
-    ReadQuery, WaitState, MAX_NAME_LEN,
+    apply, apply_at, check_name, ok, read_barrier, unexpected, victim_state, wait_for_grant,
+    ApiResult, ReadQuery, WaitState, MAX_NAME_LEN,
 };
 use super::{ApiJson, ApiQuery};
 use crate::node::Node;
@@ -87,7 +87,6 @@ async fn acquire(
         )));
     }
     let applied = node.sm.subscribe_lease(b.lease_id);
-    let since = node.sm.read().sm.index;
     let cmd = Command::SemAcquire {
         name: name.clone(),
         lease_id: b.lease_id,
@@ -98,7 +97,11 @@ async fn acquire(
     let granted = |token: u64| {
         ok(json!({"semaphore": name, "lease_id": b.lease_id, "permits": b.permits, "token": token}))
     };
-    match apply(&node, cmd, b.request_id).await? {
+    // Deadlock records after the index before this call's entry are about its wait (see
+    // `lock_acquire`).
+    let (since, response) = apply_at(&node, cmd, b.request_id).await?;
+    let since = since - 1;
+    match response {
         Response::SemGranted { token } => return granted(token),
         Response::SemQueued { .. } if b.wait_ms == 0 => {
             return Err(ApiError::new(

@@ -123,9 +123,18 @@ pub(super) async fn apply(
     cmd: Command,
     request_id: Option<String>,
 ) -> Result<Response, ApiError> {
+    apply_at(node, cmd, request_id).await.map(|(_, r)| r)
+}
+
+/// [`apply`], also returning the index of the entry.
+pub(super) async fn apply_at(
+    node: &Node,
+    cmd: Command,
+    request_id: Option<String>,
+) -> Result<(u64, Response), ApiError> {
     check_request_id(&request_id)?;
-    match node.propose(cmd, request_id).await? {
-        Response::Rejected(r) => Err(r.into()),
+    match node.propose_at(cmd, request_id).await? {
+        (_, Response::Rejected(r)) => Err(r.into()),
         r => Ok(r),
     }
 }
@@ -620,10 +629,8 @@ async fn lock_acquire(
             "wait_ms must be at most {MAX_WAIT_MS}"
         )));
     }
-    // Subscribe before proposing so no applied change is missed; deadlock records after
-    // `since` are about this call's wait.
+    // Subscribe before proposing so no applied change is missed.
     let applied = node.sm.subscribe_lease(b.lease_id);
-    let since = node.sm.read().sm.index;
     let cmd = Command::LockAcquire {
         name: name.clone(),
         lease_id: b.lease_id,
@@ -634,7 +641,12 @@ async fn lock_acquire(
     let granted = |token: u64| {
         ok(json!({"lock": name, "lease_id": b.lease_id, "mode": mode.as_str(), "token": token}))
     };
-    match apply(&node, cmd, b.request_id).await? {
+    // Deadlock records after `since` are about this call's wait. It is the index before this
+    // call's entry, the same on any node (a follower's own applied index may lag the leader's
+    // and let an older record of the same lease and lock pass for this wait's).
+    let (since, response) = apply_at(&node, cmd, b.request_id).await?;
+    let since = since - 1;
+    match response {
         Response::LockGranted { token } => return granted(token),
         // A try-lock never waits, even when the lease is already queued by an earlier call.
         Response::LockQueued { .. } if b.wait_ms == 0 => {
@@ -713,7 +725,9 @@ pub(super) async fn wait_for_grant(
                 WaitState::Granted(token) => return Ok(token),
                 WaitState::Queued(deadline_ms) => {
                     deadline.get_or_insert_with(|| {
-                        let left = deadline_ms.saturating_sub(now_ms());
+                        // Against the replicated log time, not this node's clock, which may
+                        // differ from the leader's that set the deadline.
+                        let left = deadline_ms.saturating_sub(st.sm.time_ms);
                         tokio::time::Instant::now() + Duration::from_millis(left) + WAIT_SLACK
                     });
                 }
