@@ -58,19 +58,31 @@ pub fn now_ms() -> u64 {
 }
 
 impl Node {
-    /// Propose a command through Raft and return the state machine's response once this node
-    /// has applied it. On a follower the entry goes to the leader in a batch with others
-    /// (`propose.rs`; no leader within [`LEADER_WAIT`]: `no_leader`, 503, retry).
+    /// Propose a command through Raft and return the state machine's response. On a follower
+    /// the entry goes to the leader in a batch with others (`propose.rs`; no leader within
+    /// [`LEADER_WAIT`]: `no_leader`, 503, retry), and the answer comes once the leader applied
+    /// it: this node may not have yet (the response's `X-Concord-Index` is the entry's index).
     pub async fn propose(
         &self,
         cmd: Command,
         request_id: Option<String>,
     ) -> Result<Response, ApiError> {
-        self.propose_at(cmd, request_id).await.map(|(_, r)| r)
+        self.propose_entry(cmd, request_id).await.map(|(_, r)| r)
     }
 
-    /// [`Node::propose`], also returning the entry's log index.
+    /// [`Node::propose`], returning once this node has applied the entry too, with its index:
+    /// for handlers that go on to read this node's state (blocked acquires).
     pub async fn propose_at(
+        &self,
+        cmd: Command,
+        request_id: Option<String>,
+    ) -> Result<(u64, Response), ApiError> {
+        let (index, response) = self.propose_entry(cmd, request_id).await?;
+        propose::await_applied(self, index).await?;
+        Ok((index, response))
+    }
+
+    async fn propose_entry(
         &self,
         cmd: Command,
         request_id: Option<String>,
@@ -80,18 +92,19 @@ impl Node {
             request_id,
             cmd,
         };
-        if self.current_leader() == Some(self.id) {
-            return match self.raft.client_write(entry).await {
-                Ok(r) => Ok((r.log_id.index(), r.data)),
-                Err(RaftError::APIError(e)) => Err(propose::write_error(e).into()),
-                Err(RaftError::Fatal(e)) => Err(ApiError::new(
-                    ErrorCode::Unavailable,
-                    format!("raft stopped: {e}"),
-                )),
-            };
-        }
-        let (index, response) = self.forwarder.submit(entry).await?;
-        propose::await_applied(self, index).await?;
+        let (index, response) = if self.current_leader() == Some(self.id) {
+            match self.raft.client_write(entry).await {
+                Ok(r) => (r.log_id.index(), r.data),
+                Err(RaftError::APIError(e)) => return Err(propose::write_error(e).into()),
+                Err(RaftError::Fatal(e)) => {
+                    let msg = format!("raft stopped: {e}");
+                    return Err(ApiError::new(ErrorCode::Unavailable, msg));
+                }
+            }
+        } else {
+            self.forwarder.submit(entry).await?
+        };
+        crate::api::note_write_index(index);
         Ok((index, response))
     }
 

@@ -18,6 +18,7 @@ mod semaphores;
 mod v1;
 mod watch;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -65,7 +66,8 @@ pub fn router(node: Arc<Node>) -> Router {
 }
 
 async fn cluster_headers(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
-    let mut resp = next.run(req).await;
+    let written = Arc::new(AtomicU64::new(0));
+    let mut resp = WRITE_INDEX.scope(written.clone(), next.run(req)).await;
     let h = resp.headers_mut();
     if !h.contains_key("x-concord-leader") {
         let leader = node
@@ -76,10 +78,21 @@ async fn cluster_headers(State(node): State<Arc<Node>>, req: Request, next: Next
         }
     }
     if !h.contains_key("x-concord-index") {
-        let index = node.sm.read().sm.index;
+        let index = node.sm.read().sm.index.max(written.load(Ordering::Relaxed));
         h.insert("x-concord-index", HeaderValue::from(index));
     }
     resp
+}
+
+tokio::task_local! {
+    /// The highest log index a request's own writes got (see [`note_write_index`]).
+    static WRITE_INDEX: Arc<AtomicU64>;
+}
+
+/// Record that the current request wrote at `index`: its `X-Concord-Index` is then at least
+/// that, even when this node (a follower) has not applied it yet. Outside a request: no-op.
+pub fn note_write_index(index: u64) {
+    let _ = WRITE_INDEX.try_with(|w| w.fetch_max(index, Ordering::Relaxed));
 }
 
 async fn not_found(uri: axum::http::Uri) -> error::ApiError {
