@@ -362,6 +362,12 @@ enum CondCmd {
     },
 }
 
+/// The server's Rust heap is mimalloc. Under load glibc's malloc and free were about a quarter
+/// of the leader's CPU (`cfree`, `_int_free`, `unlink_chunk`, `malloc` on top of the profile of
+/// put with 256 clients; docs/benchmarks.md). RocksDB's C++ allocations stay with glibc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// glibc gives threads that contend for the heap arenas of their own, up to eight per core.
 /// A node's tokio workers, RocksDB threads and fsync thread spread its heap over many arenas,
 /// and the freed space in each is not reused by the others: with 100 000 keys, 10 000 leases
