@@ -71,10 +71,11 @@ pub async fn route_to_leader(State(node): State<Arc<Node>>, req: Request, next: 
     forward(&node, req, &addr, &path).await
 }
 
-/// Writes whose handler only proposes (lock and semaphore acquires then watch the applied state for their
-/// grant) run on whichever node received them: `Node::propose` sends the command to the leader
-/// in a batch and waits until this node applied it, which costs the leader far less than an
-/// HTTP request per write. The other writes, and linearizable reads, are forwarded whole.
+/// Writes whose handler only proposes run on whichever node received them: `Node::propose`
+/// sends the command to the leader in a batch, which costs the leader far less than an HTTP
+/// request per write. Lock and semaphore acquires then wait until this node applied their entry
+/// and watch its state for the grant. The other writes, and linearizable reads, are forwarded
+/// whole.
 fn runs_on_any_node(method: &Method, path: &str) -> bool {
     if ![Method::POST, Method::PUT, Method::DELETE].contains(method) {
         return false;

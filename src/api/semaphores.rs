@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::v1::{
-    apply, apply_at, check_name, ok, read_barrier, unexpected, victim_state, wait_for_grant,
+    apply_at, apply_nowait, check_name, ok, read_barrier, unexpected, victim_state, wait_for_grant,
     ApiResult, ReadQuery, WaitState, MAX_NAME_LEN,
 };
 use super::{ApiJson, ApiQuery};
@@ -44,7 +44,7 @@ async fn create(
         name: name.clone(),
         capacity: b.capacity,
     };
-    match apply(&node, cmd, b.request_id).await? {
+    match apply_nowait(&node, cmd, b.request_id).await? {
         Response::SemCreated { capacity, created } => {
             let status = if created {
                 StatusCode::CREATED
@@ -149,7 +149,7 @@ async fn release(
         name: name.clone(),
         lease_id: b.lease_id,
     };
-    match apply(&node, cmd, b.request_id).await? {
+    match apply_nowait(&node, cmd, b.request_id).await? {
         Response::SemReleased { granted } => {
             ok(json!({"semaphore": name, "released": true, "granted": granted}))
         }

@@ -126,6 +126,23 @@ pub(super) async fn apply(
     apply_at(node, cmd, request_id).await.map(|(_, r)| r)
 }
 
+/// [`apply`] for handlers that only answer with the response and read no state after it
+/// (plain writes): on a follower it answers with the leader's result without waiting until
+/// this node has applied the entry (`Node::propose`). Handlers that read this node's state
+/// afterwards use [`apply`] or [`apply_at`]: leadership can move between routing and proposing,
+/// and then even a leader route's entry goes through the forwarder.
+pub(super) async fn apply_nowait(
+    node: &Node,
+    cmd: Command,
+    request_id: Option<String>,
+) -> Result<Response, ApiError> {
+    check_request_id(&request_id)?;
+    match node.propose(cmd, request_id).await? {
+        Response::Rejected(r) => Err(r.into()),
+        r => Ok(r),
+    }
+}
+
 /// [`apply`], also returning the index of the entry.
 pub(super) async fn apply_at(
     node: &Node,
@@ -369,7 +386,7 @@ async fn lease_grant(State(node): State<Arc<Node>>, ApiJson(b): ApiJson<LeaseGra
         ttl_ms: b.ttl_ms,
         owner: b.owner,
     };
-    match apply(&node, cmd, b.request_id).await? {
+    match apply_nowait(&node, cmd, b.request_id).await? {
         Response::LeaseGranted { lease_id, ttl_ms } => Ok((
             StatusCode::CREATED,
             Json(json!({"lease_id": lease_id, "ttl_ms": ttl_ms})),
@@ -391,7 +408,7 @@ async fn lease_keepalive(
     ApiJson(b): ApiJson<WithRequestId>,
 ) -> ApiResult {
     let lease_id = parse_id(&id)?;
-    match apply(&node, Command::LeaseKeepAlive { lease_id }, b.request_id).await? {
+    match apply_nowait(&node, Command::LeaseKeepAlive { lease_id }, b.request_id).await? {
         Response::LeaseKept { lease_id, ttl_ms } => {
             ok(json!({"lease_id": lease_id, "ttl_ms": ttl_ms}))
         }
@@ -405,7 +422,7 @@ async fn lease_revoke(
     ApiJson(b): ApiJson<WithRequestId>,
 ) -> ApiResult {
     let lease_id = parse_id(&id)?;
-    match apply(&node, Command::LeaseRevoke { lease_id }, b.request_id).await? {
+    match apply_nowait(&node, Command::LeaseRevoke { lease_id }, b.request_id).await? {
         Response::LeaseRevoked { lease_id } => ok(json!({"lease_id": lease_id, "revoked": true})),
         r => Err(unexpected(r)),
     }
@@ -495,7 +512,7 @@ async fn kv_put(
         if_absent: b.if_absent,
         fence: b.fence,
     };
-    match apply(&node, cmd, b.request_id).await? {
+    match apply_nowait(&node, cmd, b.request_id).await? {
         Response::KvPut { version, revision } => {
             ok(json!({"version": version, "revision": revision}))
         }
@@ -544,7 +561,7 @@ async fn kv_delete(
         key,
         if_version: b.if_version,
     };
-    match apply(&node, cmd, b.request_id).await? {
+    match apply_nowait(&node, cmd, b.request_id).await? {
         Response::KvDeleted { deleted, revision } => {
             ok(json!({"deleted": deleted, "revision": revision}))
         }
@@ -771,7 +788,7 @@ async fn lock_release(
         name: name.clone(),
         lease_id: b.lease_id,
     };
-    match apply(&node, cmd, b.request_id).await? {
+    match apply_nowait(&node, cmd, b.request_id).await? {
         Response::LockReleased { next_holder } => {
             ok(json!({"lock": name, "released": true, "next_holder": next_holder}))
         }
