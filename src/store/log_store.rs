@@ -5,7 +5,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, RaftLogStorage};
@@ -13,6 +13,7 @@ use openraft::{LogState, OptionalSend, RaftLogReader};
 use rocksdb::{ColumnFamily, Direction, IteratorMode, WriteBatch, DB};
 use serde::{de::DeserializeOwned, Serialize};
 
+use super::entry_cache::EntryCache;
 use super::{invalid_data, io_err, CF_LOGS, CF_META};
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
@@ -29,6 +30,11 @@ pub struct LogStore {
     db: Arc<DB>,
     flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
     pub stats: Arc<FsyncStats>,
+    /// The newest entries, decoded; shared by the store and every reader cloned from it.
+    cache: Arc<Mutex<EntryCache>>,
+    /// The saved vote once read or written (`None`: not known yet). Each replication batch a
+    /// leader sends reads the vote twice (openraft checks the leader did not change meanwhile).
+    vote: Arc<Mutex<Option<Option<Vote>>>>,
 }
 
 impl LogStore {
@@ -67,7 +73,15 @@ impl LogStore {
             db,
             flusher: tx,
             stats,
+            cache: Arc::default(),
+            vote: Arc::default(),
         }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
+        // The cache is only ever left consistent (no panics inside its methods' critical
+        // sections), so a poisoned lock still holds a valid value.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn cf_meta(&self) -> &ColumnFamily {
@@ -110,6 +124,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(x) => *x + 1,
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(x) => Some(*x + 1),
+            Bound::Excluded(x) => Some(*x),
+            Bound::Unbounded => None,
+        };
+        if let Some(hit) = self.cache().get(start, end) {
+            return Ok(hit);
+        }
         let mut out = Vec::new();
         let it = self.db.iterator_cf(
             self.cf_logs(),
@@ -128,7 +150,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        self.get_meta("vote")
+        // Held across the read: a concurrent `save_vote` must not be overwritten by the older
+        // value read here.
+        let mut known = self.vote.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = &*known {
+            return Ok(*v);
+        }
+        let v: Option<Vote> = self.get_meta("vote")?;
+        *known = Some(v);
+        Ok(v)
     }
 }
 
@@ -160,11 +190,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.put_meta("vote", vote)?;
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush_wal(true).map_err(io_err))
-            .await
-            .map_err(io_err)?
+        let saved = self.put_meta("vote", vote).map(|()| self.db.clone());
+        let res = match saved {
+            Ok(db) => tokio::task::spawn_blocking(move || db.flush_wal(true).map_err(io_err))
+                .await
+                .map_err(io_err)
+                .and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        // Known once durable; after a failure, unknown (read from RocksDB again).
+        let known = res.as_ref().ok().map(|()| Some(*vote));
+        *self.vote.lock().unwrap_or_else(|p| p.into_inner()) = known;
+        res
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
@@ -185,14 +222,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::default();
-        let mut n = 0;
+        let mut written = Vec::new();
         for entry in entries {
             let v = serde_json::to_vec(&entry).map_err(invalid_data)?;
-            batch.put_cf(self.cf_logs(), index_key(entry.index()), v);
-            n += 1;
+            batch.put_cf(self.cf_logs(), index_key(entry.index()), &v);
+            written.push((entry, v.len()));
         }
+        let n = written.len() as u64;
         // Written (readable) now; acknowledged once the flusher's fsync covers it.
-        self.db.write(batch).map_err(io_err)?;
+        if let Err(e) = self.db.write(batch) {
+            // What the cache holds must match the log; the log is now unknown.
+            self.cache().clear();
+            return Err(io_err(e));
+        }
+        let mut cache = self.cache();
+        for (entry, size) in written {
+            cache.append(entry, size);
+        }
+        drop(cache);
         self.stats.entries.fetch_add(n, Ordering::Relaxed);
         self.flusher
             .send(callback)
@@ -201,18 +248,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
-        self.db
+        // First: a reader must not find in memory what is no longer in the log.
+        self.cache().truncate_from(from);
+        let res = self
+            .db
             .delete_range_cf(self.cf_logs(), index_key(from), index_key(u64::MAX))
-            .map_err(io_err)?;
-        // Delete the last key too: the range end is exclusive.
-        self.db
-            .delete_cf(self.cf_logs(), index_key(u64::MAX))
-            .map_err(io_err)
+            // Delete the last key too: the range end is exclusive.
+            .and_then(|()| self.db.delete_cf(self.cf_logs(), index_key(u64::MAX)))
+            .map_err(io_err);
+        if res.is_err() {
+            // Part of the range may still be there: read the log itself from now on.
+            self.cache().clear();
+        }
+        res
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         // Record the purge point first: a restart between the two steps must not see a gap.
         self.put_meta("last_purged", &log_id)?;
+        self.cache().purge_upto(log_id.index());
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.flush_wal(true).map_err(io_err))
             .await

@@ -5,13 +5,16 @@
 //!   before logs are deleted), `committed` (JSON).
 //! - `logs`: big-endian u64 index -> JSON-encoded `Entry`. Appends are one `WriteBatch`,
 //!   readable when `append` returns and acknowledged only after a WAL fsync; a single flusher
-//!   thread fsyncs once for every append that arrived meanwhile (group commit).
+//!   thread fsyncs once for every append that arrived meanwhile (group commit). The newest
+//!   entries are also kept decoded in memory (`entry_cache`), so that applying and replicating
+//!   what was just appended does not read it back from RocksDB and decode it again.
 //! - `snapshot`: `meta` (JSON `SnapshotMeta`) and `data` (JSON `SmState`), written together
 //!   with a synced batch. On start the state machine is loaded from here and openraft replays
 //!   the committed log after it.
 //!
 //! The on-disk format is JSON so that `#[serde(default)]` fields keep old logs readable.
 
+mod entry_cache;
 mod log_store;
 mod state_machine;
 
