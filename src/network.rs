@@ -68,6 +68,60 @@ pub struct Peer {
     faults: Arc<Faults>,
 }
 
+/// Why a bincode POST to another node failed.
+#[derive(Debug)]
+pub enum PostError {
+    /// No connection could be made: the peer did not get the request.
+    Connect(reqwest::Error),
+    /// The request or its answer broke off (or timed out): the peer may have acted on it.
+    Transport(reqwest::Error),
+    /// The peer answered with an error status (and this body).
+    Status(reqwest::StatusCode, String),
+}
+
+impl std::fmt::Display for PostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PostError::Connect(e) | PostError::Transport(e) => write!(f, "{e}"),
+            PostError::Status(status, body) => write!(f, "answered {status}: {body}"),
+        }
+    }
+}
+
+/// POST a bincode `body` to `http://{addr}{path}` as node `from`; the answer's bytes on success.
+/// Raft RPCs and forwarded proposals both go this way.
+pub async fn post_bincode(
+    client: &reqwest::Client,
+    addr: &str,
+    path: &str,
+    from: NodeId,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<axum::body::Bytes, PostError> {
+    let resp = client
+        .post(format!("http://{addr}{path}"))
+        .header("content-type", "application/octet-stream")
+        .header(FROM_HEADER, from)
+        .body(body)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| {
+            if e.is_connect() {
+                PostError::Connect(e)
+            } else {
+                PostError::Transport(e)
+            }
+        })?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(PostError::Transport)?;
+    if !status.is_success() {
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        return Err(PostError::Status(status, text));
+    }
+    Ok(bytes)
+}
+
 impl Peer {
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -80,36 +134,16 @@ impl Peer {
             return Err(RPCError::Unreachable(Unreachable::from_string(msg)));
         }
         let body = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let url = format!("http://{}/raft/{path}", self.addr);
-        let resp = self
-            .client
-            .post(url)
-            .header("content-type", "application/octet-stream")
-            .header(FROM_HEADER, self.from)
-            .body(body)
-            .timeout(timeout)
-            .send()
+        let path = format!("/raft/{path}");
+        let bytes = post_bincode(&self.client, &self.addr, &path, self.from, body, timeout)
             .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                } else {
-                    RPCError::Network(NetworkError::new(&e))
-                }
+            .map_err(|e| match e {
+                PostError::Connect(e) => RPCError::Unreachable(Unreachable::new(&e)),
+                PostError::Transport(e) => RPCError::Network(NetworkError::new(&e)),
+                e @ PostError::Status(..) => RPCError::Unreachable(Unreachable::from_string(
+                    format!("node {} {e}", self.target),
+                )),
             })?;
-        let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        if !status.is_success() {
-            let msg = format!(
-                "node {} answered {status}: {}",
-                self.target,
-                String::from_utf8_lossy(&bytes)
-            );
-            return Err(RPCError::Unreachable(Unreachable::from_string(msg)));
-        }
         bincode::deserialize(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 }

@@ -252,27 +252,16 @@ async fn send_to(
         )
     })?;
     let body = bincode::serialize(entries).map_err(|e| unknown(e.to_string()))?;
-    let resp = node
-        .http
-        .post(format!("http://{addr}/raft/propose"))
-        .header("content-type", "application/octet-stream")
-        .header(crate::network::FROM_HEADER, node.id)
-        .timeout(PROPOSE_TIMEOUT)
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| unknown(format!("forwarding to leader {leader} failed: {e}")))?;
-    let status = resp.status();
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| unknown(format!("reading leader {leader}'s answer failed: {e}")))?;
-    if !status.is_success() {
-        let text = String::from_utf8_lossy(&bytes);
-        return Err(unknown(format!(
-            "leader {leader} answered {status}: {text}"
-        )));
-    }
+    let bytes = crate::network::post_bincode(
+        &node.http,
+        &addr,
+        "/raft/propose",
+        node.id,
+        body,
+        PROPOSE_TIMEOUT,
+    )
+    .await
+    .map_err(|e| unknown(format!("forwarding to leader {leader}: {e}")))?;
     bincode::deserialize(&bytes).map_err(|e| unknown(format!("bad answer from {leader}: {e}")))
 }
 
