@@ -12,6 +12,7 @@ pub mod network;
 pub mod node;
 pub mod perf;
 pub mod propose;
+pub mod raft_stream;
 pub mod sm;
 pub mod store;
 pub mod types;

@@ -6,10 +6,12 @@ use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::Stream;
 use openraft::alias::SnapshotOf;
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::v2::RaftNetworkV2;
-use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
@@ -18,7 +20,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::faults::Faults;
+use crate::raft_stream;
 use crate::types::{NodeId, SnapshotMeta, TypeConfig, Vote};
+
+type StreamAnswer = Result<openraft::raft::StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
 
 /// Body of `/raft/snapshot`.
 pub type SnapshotRequest = (Vote, SnapshotMeta, Vec<u8>);
@@ -56,6 +61,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: self.client.clone(),
             from: self.id,
             faults: self.faults.clone(),
+            streams: true,
         }
     }
 }
@@ -66,6 +72,9 @@ pub struct Peer {
     client: reqwest::Client,
     from: NodeId,
     faults: Arc<Faults>,
+    /// Whether the peer takes pipelined replication (`raft_stream`); false once it answered
+    /// that it does not (an older version).
+    streams: bool,
 }
 
 /// Why a bincode POST to another node failed.
@@ -157,6 +166,42 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.call("append", &rpc, option.hard_ttl()).await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, StreamAnswer>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        Box::pin(async move {
+            if self.faults.is_blocked(self.target) {
+                let msg = format!("link to node {} is cut by the fault switch", self.target);
+                return Err(RPCError::Unreachable(Unreachable::from_string(msg)));
+            }
+            // A stream of exactly one request (openraft's heartbeats: `stream::once`) goes as
+            // one plain request over the pooled connections; opening a stream costs more.
+            let single = input.size_hint().1 == Some(1);
+            if self.streams && !single {
+                let ttl = option.hard_ttl();
+                match raft_stream::open(&self.client, &self.addr, self.from, ttl).await? {
+                    raft_stream::Opened::Stream(conn) => {
+                        let (faults, target) = (self.faults.clone(), self.target);
+                        return Ok(raft_stream::pipeline(conn, input, faults, target, ttl));
+                    }
+                    raft_stream::Opened::Unsupported => {
+                        tracing::info!(
+                            target = self.target,
+                            "peer has no replication stream; sending one request at a time"
+                        );
+                        self.streams = false;
+                    }
+                }
+            }
+            stream_append_sequential(self, input, option).await
+        })
     }
 
     async fn vote(

@@ -234,6 +234,14 @@ pub async fn start_with_listener(cfg: Config, listener: TcpListener) -> anyhow::
     let local_addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let app = crate::api::router(node.clone());
+    // No Nagle delay on answers (Go, and so etcd, does the same): the replication stream
+    // (`raft_stream`) writes answers back to back, and a small write waiting for the ACK of the
+    // previous one waits for the peer's delayed ACK (40 ms on Linux).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on an accepted connection: {e}");
+        }
+    });
     let server = tokio::spawn(async move {
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move {

@@ -29,6 +29,7 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/raft/pre-vote", post(pre_vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/propose", post(propose))
+        .route(crate::raft_stream::PATH, post(crate::raft_stream::accept))
         .layer(axum::extract::DefaultBodyLimit::max(RAFT_BODY_LIMIT))
 }
 

@@ -1,0 +1,336 @@
+//! Pipelined replication: a leader's AppendEntries to one follower flow over one upgraded
+//! HTTP connection, without waiting for each answer before sending the next request.
+//!
+//! openraft drives replication as a stream of AppendEntries requests (new entries and commit
+//! advances as they happen) and reads a stream of answers in the same order. Sent one request
+//! per HTTP exchange, each request waited for the previous answer: an entry written while the
+//! follower was fsyncing the previous batch (or receiving a commit notice) waited a whole round
+//! trip before it was even sent. Here the leader opens `POST /raft/stream` with
+//! `Upgrade: concord-raft-stream/1`; after `101 Switching Protocols` the connection carries
+//! frames (4-byte big-endian length, then bincode): requests one way, answers the other, in
+//! order, on one TCP stream, so the follower sees them in the order sent.
+//!
+//! Failures end the stream and openraft opens a new one: an answer that does not come within
+//! the RPC timeout (a partition that silently drops packets), a broken connection, or the fault
+//! switch cutting the link (checked for every frame, on both sides). A peer without the
+//! endpoint (an older version during a rolling upgrade) answers 404; the leader then replicates
+//! to it one request at a time, as before.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::stream::{self, BoxStream, StreamExt};
+use openraft::errors::{NetworkError, RPCError, Unreachable};
+use openraft::raft::{AppendEntriesRequest, StreamAppendResult};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::faults::Faults;
+use crate::node::Node;
+use crate::types::{NodeId, TypeConfig};
+
+/// The `Upgrade` protocol name; a new framing would get a new name.
+pub const PROTOCOL: &str = "concord-raft-stream/1";
+/// The path of the upgrade request.
+pub const PATH: &str = "/raft/stream";
+/// Largest frame accepted (a snapshot never travels here; a batch of entries is far smaller).
+const MAX_FRAME: usize = 1 << 30;
+
+type Answer = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
+
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(body.len()).map_err(|_| io::Error::other("frame too large"))?;
+    w.write_all(&len.to_be_bytes()).await?;
+    w.write_all(body).await?;
+    w.flush().await
+}
+
+/// The next frame, or None at a clean end of the stream.
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes"),
+        ));
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).await?;
+    Ok(Some(body))
+}
+
+fn net_err(e: impl std::fmt::Display) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::from_string(e.to_string()))
+}
+
+/// How opening a stream to a peer went.
+pub enum Opened {
+    Stream(reqwest::Upgraded),
+    /// The peer does not know the endpoint: replicate request by request.
+    Unsupported,
+}
+
+/// Ask `addr` to switch the connection to the replication stream.
+pub async fn open(
+    client: &reqwest::Client,
+    addr: &str,
+    from: NodeId,
+    timeout: Duration,
+) -> Result<Opened, RPCError<TypeConfig>> {
+    let resp = client
+        .post(format!("http://{addr}{PATH}"))
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PROTOCOL)
+        .header(crate::network::FROM_HEADER, from)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| {
+            if e.is_connect() {
+                RPCError::Unreachable(Unreachable::new(&e))
+            } else {
+                net_err(e)
+            }
+        })?;
+    match resp.status() {
+        StatusCode::SWITCHING_PROTOCOLS => {
+            resp.upgrade().await.map(Opened::Stream).map_err(net_err)
+        }
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => Ok(Opened::Unsupported),
+        status => {
+            let body = resp.text().await.unwrap_or_default();
+            let msg = format!("answered {status} to the stream upgrade: {body}");
+            Err(RPCError::Unreachable(Unreachable::from_string(msg)))
+        }
+    }
+}
+
+/// Aborts the request-writing task when the answer stream is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), String>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Reader {
+    rd: tokio::io::ReadHalf<reqwest::Upgraded>,
+    /// When each request was sent, in order: each answer is due `ttl` after its request.
+    sent: mpsc::UnboundedReceiver<Instant>,
+    writer: AbortOnDrop,
+    faults: Arc<Faults>,
+    target: NodeId,
+    ttl: Duration,
+}
+
+/// The leader's side: send `input` over `conn` as fast as openraft produces it; answer in order.
+pub fn pipeline<S>(
+    conn: reqwest::Upgraded,
+    mut input: S,
+    faults: Arc<Faults>,
+    target: NodeId,
+    ttl: Duration,
+) -> BoxStream<'static, Answer>
+where
+    S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+{
+    let (rd, wr) = tokio::io::split(conn);
+    let (sent_tx, sent) = mpsc::unbounded_channel();
+    let write_faults = faults.clone();
+    let writer = tokio::spawn(async move {
+        let mut wr = BufWriter::new(wr);
+        while let Some(req) = input.next().await {
+            if write_faults.is_blocked(target) {
+                return Err(format!("link to node {target} is cut by the fault switch"));
+            }
+            let body = bincode::serialize(&req).map_err(|e| e.to_string())?;
+            write_frame(&mut wr, &body)
+                .await
+                .map_err(|e| format!("sending to node {target}: {e}"))?;
+            if sent_tx.send(Instant::now()).is_err() {
+                return Ok(());
+            }
+        }
+        // openraft ended the session: let the follower see the end of its input.
+        let _ = wr.shutdown().await;
+        Ok(())
+    });
+    let reader = Reader {
+        rd,
+        sent,
+        writer: AbortOnDrop(writer),
+        faults,
+        target,
+        ttl,
+    };
+    stream::unfold(Some(reader), |state| async move {
+        let mut r = state?;
+        let Some(sent_at) = r.sent.recv().await else {
+            // Every request was answered and the writer stopped: say why if it failed.
+            let res = (&mut r.writer.0).await;
+            return match res {
+                Ok(Err(e)) => Some((Err(net_err(e)), None)),
+                _ => None,
+            };
+        };
+        let frame = tokio::time::timeout_at(sent_at + r.ttl, read_frame(&mut r.rd)).await;
+        let answer = match frame {
+            Err(_) => Err(net_err(format!(
+                "node {} did not answer within {:?}",
+                r.target, r.ttl
+            ))),
+            Ok(Err(e)) => Err(net_err(format!("reading from node {}: {e}", r.target))),
+            Ok(Ok(None)) => Err(net_err(format!("node {} closed the stream", r.target))),
+            Ok(Ok(Some(body))) if r.faults.is_blocked(r.target) => {
+                drop(body);
+                Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "link to node {} is cut by the fault switch",
+                    r.target
+                ))))
+            }
+            Ok(Ok(Some(body))) => {
+                bincode::deserialize::<StreamAppendResult<TypeConfig>>(&body).map_err(net_err)
+            }
+        };
+        // An error, or a refusal (conflict, higher vote), ends the stream.
+        let next = matches!(answer, Ok(Ok(_))).then_some(r);
+        Some((answer, next))
+    })
+    .boxed()
+}
+
+/// The follower's side of `POST /raft/stream` (the fault switch already let the opener in).
+pub async fn accept(State(node): State<Arc<Node>>, mut req: Request) -> Response {
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok());
+    if wants != Some(PROTOCOL) {
+        let msg = format!("expected Upgrade: {PROTOCOL}");
+        return (StatusCode::BAD_REQUEST, msg).into_response();
+    }
+    let from = req
+        .headers()
+        .get(crate::network::FROM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<NodeId>().ok());
+    let Some(from) = from else {
+        let msg = format!("missing {}", crate::network::FROM_HEADER);
+        return (StatusCode::BAD_REQUEST, msg).into_response();
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(conn) => serve(node, from, hyper_util::rt::TokioIo::new(conn)).await,
+            Err(e) => tracing::debug!(from, "raft stream upgrade failed: {e}"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PROTOCOL)
+        .body(Body::empty())
+        .expect("static response parts")
+}
+
+/// Feed the requests read from `conn` to Raft and write its answers back, in order, until
+/// either side stops.
+async fn serve<IO>(node: Arc<Node>, from: NodeId, conn: IO)
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, wr) = tokio::io::split(conn);
+    let (tx, rx) = mpsc::channel::<AppendEntriesRequest<TypeConfig>>(64);
+    let faults = node.faults.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(body)) = read_frame(&mut rd).await {
+            if faults.is_blocked(from) {
+                break;
+            }
+            let Ok(req) = bincode::deserialize(&body) else {
+                tracing::warn!(from, "undecodable frame on the raft stream");
+                break;
+            };
+            if tx.send(req).await.is_err() {
+                break;
+            }
+        }
+    });
+    let _reader = AbortOnDropUnit(reader);
+    let input = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let answers = node.raft.stream_append(Box::pin(input));
+    let mut answers = std::pin::pin!(answers);
+    let mut wr = BufWriter::new(wr);
+    while let Some(answer) = answers.next().await {
+        // A fatal error: Raft stopped on this node. Closing tells the leader.
+        let Ok(answer) = answer else { break };
+        if node.faults.is_blocked(from) {
+            break;
+        }
+        let Ok(body) = bincode::serialize(&answer) else {
+            break;
+        };
+        if write_frame(&mut wr, &body).await.is_err() || answer.is_err() {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+struct AbortOnDropUnit(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDropUnit {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_end_cleanly() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            write_frame(&mut a, b"hello").await.unwrap();
+            write_frame(&mut a, b"").await.unwrap();
+            write_frame(&mut a, &[7u8; 300]).await.unwrap();
+        });
+        assert_eq!(read_frame(&mut b).await.unwrap(), Some(b"hello".to_vec()));
+        assert_eq!(read_frame(&mut b).await.unwrap(), Some(vec![]));
+        assert_eq!(read_frame(&mut b).await.unwrap(), Some(vec![7u8; 300]));
+        writer.await.unwrap();
+        assert_eq!(read_frame(&mut b).await.unwrap(), None, "writer closed");
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_errors() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
+            .await
+            .unwrap();
+        let e = read_frame(&mut b).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&10u32.to_be_bytes()).await.unwrap();
+        a.write_all(b"abc").await.unwrap();
+        drop(a);
+        let e = read_frame(&mut b).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
