@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io::Cursor;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,10 +37,11 @@ pub struct Network {
     client: reqwest::Client,
     id: NodeId,
     faults: Arc<Faults>,
+    streams: Arc<raft_stream::StreamStats>,
 }
 
 impl Network {
-    pub fn new(id: NodeId, faults: Arc<Faults>) -> Network {
+    pub fn new(id: NodeId, faults: Arc<Faults>, streams: Arc<raft_stream::StreamStats>) -> Network {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_max_idle_per_host(16)
@@ -47,7 +49,12 @@ impl Network {
             .no_proxy()
             .build()
             .expect("http client");
-        Network { client, id, faults }
+        Network {
+            client,
+            id,
+            faults,
+            streams,
+        }
     }
 }
 
@@ -62,6 +69,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             from: self.id,
             faults: self.faults.clone(),
             streams: true,
+            stats: self.streams.clone(),
         }
     }
 }
@@ -75,6 +83,7 @@ pub struct Peer {
     /// Whether the peer takes pipelined replication (`raft_stream`); false once it answered
     /// that it does not (an older version).
     streams: bool,
+    stats: Arc<raft_stream::StreamStats>,
 }
 
 /// Why a bincode POST to another node failed.
@@ -188,6 +197,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
                 let ttl = option.hard_ttl();
                 match raft_stream::open(&self.client, &self.addr, self.from, ttl).await? {
                     raft_stream::Opened::Stream(conn) => {
+                        self.stats.opened.fetch_add(1, Ordering::Relaxed);
                         let (faults, target) = (self.faults.clone(), self.target);
                         return Ok(raft_stream::pipeline(conn, input, faults, target, ttl));
                     }
@@ -197,6 +207,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
                             "peer has no replication stream; sending one request at a time"
                         );
                         self.streams = false;
+                        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }

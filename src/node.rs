@@ -40,6 +40,8 @@ pub struct Node {
     pub membership_lock: Mutex<()>,
     /// The link fault switch (chaos tests).
     pub faults: Arc<Faults>,
+    /// Replication streams opened and accepted (`raft_stream`; `/v1/cluster`).
+    pub streams: Arc<crate::raft_stream::StreamStats>,
     /// Set when the node shuts down, so blocked calls answer at once (and clients retry
     /// elsewhere) instead of waiting on a state machine that no longer moves.
     pub stopping: tokio::sync::watch::Sender<bool>,
@@ -207,7 +209,8 @@ pub async fn start_with_listener(cfg: Config, listener: TcpListener) -> anyhow::
     let sm = sm_store.shared.clone();
     let fsync = log_store.stats.clone();
     let faults = Arc::new(Faults::new(cfg.fault_injection));
-    let network = Network::new(cfg.id, faults.clone());
+    let streams = Arc::new(crate::raft_stream::StreamStats::default());
+    let network = Network::new(cfg.id, faults.clone(), streams.clone());
     let raft = Raft::new(cfg.id, raft_cfg, network, log_store, sm_store).await?;
     let http = reqwest::Client::builder()
         .tcp_nodelay(true)
@@ -223,6 +226,7 @@ pub async fn start_with_listener(cfg: Config, listener: TcpListener) -> anyhow::
         http,
         membership_lock: Mutex::new(()),
         faults,
+        streams,
         forwarder,
         stopping: tokio::sync::watch::channel(false).0,
         unsafe_stale_reads: cfg.unsafe_stale_reads,

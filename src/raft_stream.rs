@@ -17,6 +17,7 @@
 //! to it one request at a time, as before.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,17 @@ pub const PROTOCOL: &str = "concord-raft-stream/1";
 pub const PATH: &str = "/raft/stream";
 /// Largest frame accepted (a snapshot never travels here; a batch of entries is far smaller).
 const MAX_FRAME: usize = 1 << 30;
+
+/// Counters for `/v1/cluster`.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    /// Streams this node opened to followers (as leader).
+    pub opened: AtomicU64,
+    /// Streams this node accepted from a leader.
+    pub accepted: AtomicU64,
+    /// Followers found without the endpoint (replicated to one request at a time).
+    pub fallbacks: AtomicU64,
+}
 
 type Answer = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
 
@@ -234,7 +246,10 @@ pub async fn accept(State(node): State<Arc<Node>>, mut req: Request) -> Response
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(conn) => serve(node, from, hyper_util::rt::TokioIo::new(conn)).await,
+            Ok(conn) => {
+                node.streams.accepted.fetch_add(1, Ordering::Relaxed);
+                serve(node, from, hyper_util::rt::TokioIo::new(conn)).await
+            }
             Err(e) => tracing::debug!(from, "raft stream upgrade failed: {e}"),
         }
     });
@@ -315,6 +330,28 @@ mod tests {
         assert_eq!(read_frame(&mut b).await.unwrap(), Some(vec![7u8; 300]));
         writer.await.unwrap();
         assert_eq!(read_frame(&mut b).await.unwrap(), None, "writer closed");
+    }
+
+    /// A peer without the endpoint (an older version) is told apart from an unreachable one.
+    #[tokio::test]
+    async fn open_reports_a_peer_without_the_endpoint_as_unsupported() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let app = axum::Router::new().route("/v1/health", axum::routing::get(|| async { "ok" }));
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::new();
+        let t = Duration::from_secs(2);
+        let opened = open(&client, &addr, 1, t).await.unwrap();
+        assert!(matches!(opened, Opened::Unsupported));
+        server.abort();
+        let _ = server.await;
+        // Nobody listens there now: unreachable, so openraft backs off and retries. (A new
+        // client: the first one's pooled connection may outlive the aborted server task.)
+        match open(&reqwest::Client::new(), &addr, 1, t).await {
+            Err(RPCError::Unreachable(_)) => {}
+            Err(e) => panic!("expected unreachable, got {e}"),
+            Ok(_) => panic!("expected unreachable, got a stream"),
+        }
     }
 
     #[tokio::test]

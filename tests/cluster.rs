@@ -1,4 +1,5 @@
-//! In-process 3-node cluster: forwarding, failover, restart recovery, snapshot to a new node.
+//! In-process 3-node cluster: forwarding, failover, restart recovery, snapshot to a new node,
+//! pipelined replication streams.
 
 mod common;
 
@@ -241,5 +242,67 @@ async fn a_node_added_later_gets_a_snapshot() {
     cl.remove_member(4).await.unwrap();
     let again = cl.add_member(4, &addr).await.unwrap_err();
     assert_eq!(again.code(), "conflict");
+    c.shutdown().await;
+}
+
+/// Replication runs over one pipelined stream per follower (`raft_stream`). Cutting a link
+/// with the fault switch ends that stream and the follower receives nothing more; healing it
+/// opens a new stream, over which the follower catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replication_streams_carry_the_log_and_reopen_after_a_cut_link() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = TestCluster::start_with_faults(3).await;
+    let leader = c.wait_leader().await;
+    let cl = c.client(leader);
+    for i in 0..20 {
+        cl.kv_put(&format!("k{i}"), json!({"value": i.to_string()}))
+            .await
+            .unwrap();
+    }
+    let lnode = &c.nodes[&leader].node;
+    let index = c.applied(leader);
+    for id in c.nodes.keys() {
+        c.wait_applied(*id, index).await;
+    }
+    let opened = lnode.streams.opened.load(Relaxed);
+    assert!(
+        opened >= 2,
+        "one stream per follower at least, got {opened}"
+    );
+    assert_eq!(lnode.streams.fallbacks.load(Relaxed), 0);
+    for (id, r) in &c.nodes {
+        if *id != leader {
+            let accepted = r.node.streams.accepted.load(Relaxed);
+            assert!(accepted >= 1, "node {id} accepted no stream");
+        }
+    }
+
+    let cut = follower_of(&c, leader);
+    let fnode = &c.nodes[&cut].node;
+    assert!(lnode.faults.set_blocked([cut].into()));
+    assert!(fnode.faults.set_blocked([leader].into()));
+    let before = c.applied(cut);
+    for i in 0..10 {
+        cl.kv_put(&format!("cut{i}"), json!({"value": i.to_string()}))
+            .await
+            .unwrap();
+    }
+    let index = c.applied(leader);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        c.applied(cut) < index,
+        "node {cut} applied {} of {index} through a cut link (before the cut: {before})",
+        c.applied(cut)
+    );
+
+    lnode.faults.set_blocked(Default::default());
+    fnode.faults.set_blocked(Default::default());
+    c.wait_applied(cut, index).await;
+    let v = c.client(cut).kv_get("cut9", true).await.unwrap();
+    assert_eq!(v["value"], "9");
+    assert!(
+        lnode.streams.opened.load(Relaxed) > opened,
+        "healing opens a new stream"
+    );
     c.shutdown().await;
 }

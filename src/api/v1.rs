@@ -228,6 +228,9 @@ async fn cluster_status(State(node): State<Arc<Node>>) -> HttpResponse {
         "appended_entries": node.fsync.entries.load(std::sync::atomic::Ordering::Relaxed),
         "forwarded_batches": node.forwarder.stats().batches.load(std::sync::atomic::Ordering::Relaxed),
         "forwarded_entries": node.forwarder.stats().entries.load(std::sync::atomic::Ordering::Relaxed),
+        "replication_streams_opened": node.streams.opened.load(std::sync::atomic::Ordering::Relaxed),
+        "replication_streams_accepted": node.streams.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        "replication_stream_fallbacks": node.streams.fallbacks.load(std::sync::atomic::Ordering::Relaxed),
     });
     Json(body).into_response()
 }

@@ -17,6 +17,8 @@ pub struct TestCluster {
     pub nodes: BTreeMap<u64, Running>,
     pub snapshot_entries: u64,
     pub keep_logs: u64,
+    /// Nodes start with `--enable-fault-injection` (their link fault switch works).
+    pub fault_injection: bool,
 }
 
 impl TestCluster {
@@ -25,6 +27,20 @@ impl TestCluster {
     }
 
     pub async fn start_with(n: u64, snapshot_entries: u64, keep_logs: u64) -> TestCluster {
+        Self::start_full(n, snapshot_entries, keep_logs, false).await
+    }
+
+    /// Like `start`, with the nodes' link fault switches enabled.
+    pub async fn start_with_faults(n: u64) -> TestCluster {
+        Self::start_full(n, 20_000, 1000, true).await
+    }
+
+    async fn start_full(
+        n: u64,
+        snapshot_entries: u64,
+        keep_logs: u64,
+        fault_injection: bool,
+    ) -> TestCluster {
         let dir = TempDir::new().unwrap();
         let mut listeners = BTreeMap::new();
         let mut addrs = BTreeMap::new();
@@ -39,6 +55,7 @@ impl TestCluster {
             nodes: BTreeMap::new(),
             snapshot_entries,
             keep_logs,
+            fault_injection,
         };
         for (id, l) in listeners {
             let cfg = c.config(id, Some(addrs.clone()));
@@ -56,6 +73,7 @@ impl TestCluster {
         let mut cfg = Config::for_node(id, &self.addrs[&id], self.data_dir(id), initial);
         cfg.snapshot_entries = self.snapshot_entries;
         cfg.keep_logs = self.keep_logs;
+        cfg.fault_injection = self.fault_injection;
         cfg
     }
 
