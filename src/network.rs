@@ -29,6 +29,10 @@ type StreamAnswer = Result<openraft::raft::StreamAppendResult<TypeConfig>, RPCEr
 /// Body of `/raft/snapshot`.
 pub type SnapshotRequest = (Vote, SnapshotMeta, Vec<u8>);
 
+/// How long a peer without the replication stream is replicated to one request at a time
+/// before it is asked again.
+const STREAM_RETRY: Duration = Duration::from_secs(60);
+
 /// Header naming the sending node on Raft RPCs (for the fault switch on the receiver).
 pub const FROM_HEADER: &str = "x-concord-from";
 
@@ -68,7 +72,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: self.client.clone(),
             from: self.id,
             faults: self.faults.clone(),
-            streams: true,
+            no_streams_since: None,
             stats: self.streams.clone(),
         }
     }
@@ -80,9 +84,9 @@ pub struct Peer {
     client: reqwest::Client,
     from: NodeId,
     faults: Arc<Faults>,
-    /// Whether the peer takes pipelined replication (`raft_stream`); false once it answered
-    /// that it does not (an older version).
-    streams: bool,
+    /// When the peer last answered that it has no replication stream (an older version);
+    /// asked again after [`STREAM_RETRY`], as it may have been upgraded meanwhile.
+    no_streams_since: Option<std::time::Instant>,
     stats: Arc<raft_stream::StreamStats>,
 }
 
@@ -193,7 +197,10 @@ impl RaftNetworkV2<TypeConfig> for Peer {
             // A stream of exactly one request (openraft's heartbeats: `stream::once`) goes as
             // one plain request over the pooled connections; opening a stream costs more.
             let single = input.size_hint().1 == Some(1);
-            if self.streams && !single {
+            let refused = self
+                .no_streams_since
+                .is_some_and(|t| t.elapsed() < STREAM_RETRY);
+            if !refused && !single {
                 let ttl = option.hard_ttl();
                 match raft_stream::open(&self.client, &self.addr, self.from, ttl).await? {
                     raft_stream::Opened::Stream(conn) => {
@@ -206,7 +213,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
                             target = self.target,
                             "peer has no replication stream; sending one request at a time"
                         );
-                        self.streams = false;
+                        self.no_streams_since = Some(std::time::Instant::now());
                         self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
                     }
                 }

@@ -241,9 +241,18 @@ pub async fn start_with_listener(cfg: Config, listener: TcpListener) -> anyhow::
     // No Nagle delay on answers (Go, and so etcd, does the same): the replication stream
     // (`raft_stream`) writes answers back to back, and a small write waiting for the ACK of the
     // previous one waits for the peer's delayed ACK (40 ms on Linux).
+    // Keepalive: a replication stream whose leader vanished (host gone, packets dropped) is
+    // found dead by the kernel and its task ends, instead of waiting for bytes forever.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("TCP_NODELAY on an accepted connection: {e}");
+        }
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        if let Err(e) = socket2::SockRef::from(&*tcp).set_tcp_keepalive(&keepalive) {
+            tracing::debug!("TCP keepalive on an accepted connection: {e}");
         }
     });
     let server = tokio::spawn(async move {

@@ -10,11 +10,12 @@
 //! frames (4-byte big-endian length, then bincode): requests one way, answers the other, in
 //! order, on one TCP stream, so the follower sees them in the order sent.
 //!
-//! Failures end the stream and openraft opens a new one: an answer that does not come within
-//! the RPC timeout (a partition that silently drops packets), a broken connection, or the fault
-//! switch cutting the link (checked for every frame, on both sides). A peer without the
-//! endpoint (an older version during a rolling upgrade) answers 404; the leader then replicates
-//! to it one request at a time, as before.
+//! Failures end the stream and openraft opens a new one: no answer at all for the RPC timeout
+//! while requests are outstanding (a partition that silently drops packets), a broken
+//! connection, or the fault switch cutting the link (checked for every frame on both sides, and
+//! again as the follower hands a request to Raft). A peer without the endpoint (an older version
+//! during a rolling upgrade) answers 404; the leader then replicates to it one request at a
+//! time, as before, and asks again a minute later.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -146,6 +147,8 @@ struct Reader {
     faults: Arc<Faults>,
     target: NodeId,
     ttl: Duration,
+    /// When the last answer arrived.
+    progress: Instant,
 }
 
 /// The leader's side: send `input` over `conn` as fast as openraft produces it; answer in order.
@@ -187,6 +190,7 @@ where
         faults,
         target,
         ttl,
+        progress: Instant::now(),
     };
     stream::unfold(Some(reader), |state| async move {
         let mut r = state?;
@@ -198,10 +202,15 @@ where
                 _ => None,
             };
         };
-        let frame = tokio::time::timeout_at(sent_at + r.ttl, read_frame(&mut r.rd)).await;
+        // Answers come in order, so this one also waits for every earlier request the follower
+        // has queued: it is late when nothing at all arrived for `ttl` since it was sent or
+        // since the previous answer, whichever is later.
+        let due = sent_at.max(r.progress) + r.ttl;
+        let frame = tokio::time::timeout_at(due, read_frame(&mut r.rd)).await;
+        r.progress = Instant::now();
         let answer = match frame {
             Err(_) => Err(net_err(format!(
-                "node {} did not answer within {:?}",
+                "node {} answered nothing for {:?}",
                 r.target, r.ttl
             ))),
             Ok(Err(e)) => Err(net_err(format!("reading from node {}: {e}", r.target))),
@@ -285,11 +294,27 @@ where
         }
     });
     let _reader = AbortOnDropUnit(reader);
-    let input = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let faults = node.faults.clone();
+    // Checked again as Raft takes each request: nothing read before a cut reaches the log after.
+    let input = stream::unfold(rx, move |mut rx| {
+        let faults = faults.clone();
+        async move {
+            let req = rx.recv().await?;
+            (!faults.is_blocked(from)).then_some((req, rx))
+        }
+    });
     let answers = node.raft.stream_append(Box::pin(input));
     let mut answers = std::pin::pin!(answers);
+    let mut stopping = node.stopping.subscribe();
     let mut wr = BufWriter::new(wr);
-    while let Some(answer) = answers.next().await {
+    loop {
+        // This node shutting down closes the stream at once, even when it is idle or the
+        // leader stopped reading.
+        let next = tokio::select! {
+            next = answers.next() => next,
+            _ = stopping.wait_for(|s| *s) => None,
+        };
+        let Some(answer) = next else { break };
         // A fatal error: Raft stopped on this node. Closing tells the leader.
         let Ok(answer) = answer else { break };
         if node.faults.is_blocked(from) {
@@ -298,11 +323,15 @@ where
         let Ok(body) = bincode::serialize(&answer) else {
             break;
         };
-        if write_frame(&mut wr, &body).await.is_err() || answer.is_err() {
+        let written = tokio::select! {
+            w = write_frame(&mut wr, &body) => w.is_ok(),
+            _ = stopping.wait_for(|s| *s) => false,
+        };
+        if !written || answer.is_err() {
             break;
         }
     }
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
 }
 
 struct AbortOnDropUnit(tokio::task::JoinHandle<()>);

@@ -32,9 +32,6 @@ pub struct LogStore {
     pub stats: Arc<FsyncStats>,
     /// The newest entries, decoded; shared by the store and every reader cloned from it.
     cache: Arc<Mutex<EntryCache>>,
-    /// The saved vote once read or written (`None`: not known yet). Each replication batch a
-    /// leader sends reads the vote twice (openraft checks the leader did not change meanwhile).
-    vote: Arc<Mutex<Option<Option<Vote>>>>,
 }
 
 impl LogStore {
@@ -74,7 +71,6 @@ impl LogStore {
             flusher: tx,
             stats,
             cache: Arc::default(),
-            vote: Arc::default(),
         }
     }
 
@@ -150,15 +146,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        // Held across the read: a concurrent `save_vote` must not be overwritten by the older
-        // value read here.
-        let mut known = self.vote.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = &*known {
-            return Ok(*v);
-        }
-        let v: Option<Vote> = self.get_meta("vote")?;
-        *known = Some(v);
-        Ok(v)
+        self.get_meta("vote")
     }
 }
 
@@ -190,18 +178,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        let saved = self.put_meta("vote", vote).map(|()| self.db.clone());
-        let res = match saved {
-            Ok(db) => tokio::task::spawn_blocking(move || db.flush_wal(true).map_err(io_err))
-                .await
-                .map_err(io_err)
-                .and_then(|r| r),
-            Err(e) => Err(e),
-        };
-        // Known once durable; after a failure, unknown (read from RocksDB again).
-        let known = res.as_ref().ok().map(|()| Some(*vote));
-        *self.vote.lock().unwrap_or_else(|p| p.into_inner()) = known;
-        res
+        self.put_meta("vote", vote)?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush_wal(true).map_err(io_err))
+            .await
+            .map_err(io_err)?
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
