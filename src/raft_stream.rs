@@ -79,8 +79,15 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Vec<u8
             format!("frame of {len} bytes"),
         ));
     }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body).await?;
+    // Grown as bytes arrive: a length prefix alone does not make this node allocate it.
+    let mut body = Vec::with_capacity(len.min(1 << 20));
+    (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame cut at {} of {len} bytes", body.len()),
+        ));
+    }
     Ok(Some(body))
 }
 
