@@ -79,9 +79,20 @@ impl Node {
         cmd: Command,
         request_id: Option<String>,
     ) -> Result<(u64, Response), ApiError> {
-        let (index, response) = self.propose_entry(cmd, request_id).await?;
+        let (index, response) = self.propose_indexed(cmd, request_id).await?;
         propose::await_applied(self, index).await?;
         Ok((index, response))
+    }
+
+    /// [`Node::propose`], also returning the entry's index, without waiting for this node's
+    /// apply: a handler that reads this node's state only in some outcomes (an acquire that
+    /// queued) waits for it then (`propose::await_applied`).
+    pub async fn propose_indexed(
+        &self,
+        cmd: Command,
+        request_id: Option<String>,
+    ) -> Result<(u64, Response), ApiError> {
+        self.propose_entry(cmd, request_id).await
     }
 
     async fn propose_entry(

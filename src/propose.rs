@@ -7,9 +7,10 @@
 //! [`MAX_IN_FLIGHT`] batches outstanding: while they are, the queue fills, so batches grow
 //! with load. The leader stamps the entries with its own clock, submits the whole batch to
 //! Raft at once (`client_write_many`) and answers with each entry's log index and state
-//! machine response. Handlers that go on to read this node's state (blocked acquires, which
-//! watch for their grant here) first wait until this node has applied that index
-//! (`Node::propose_at`); the others answer at once, with the index in `X-Concord-Index`.
+//! machine response. Handlers that go on to read this node's state (an acquire that queued,
+//! which watches for its grant here) first wait until this node has applied that index
+//! (`await_applied`); the others, and an acquire granted at once, answer at once, with the
+//! index in `X-Concord-Index`.
 //!
 //! Proxying every HTTP request cost the leader an HTTP exchange and a JSON parse per request;
 //! with clients spread over three nodes that was 30-40 % of `put` throughput at 64 clients

@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::v1::{
-    apply_at, apply_nowait, check_name, ok, read_barrier, unexpected, victim_state, wait_for_grant,
-    ApiResult, ReadQuery, WaitState, MAX_NAME_LEN,
+    apply_indexed, apply_nowait, check_name, ok, read_barrier, unexpected, victim_state,
+    wait_for_grant, ApiResult, ReadQuery, WaitState, MAX_NAME_LEN,
 };
 use super::{ApiJson, ApiQuery};
 use crate::node::Node;
@@ -99,8 +99,8 @@ async fn acquire(
     };
     // Deadlock records after the index before this call's entry are about its wait (see
     // `lock_acquire`).
-    let (since, response) = apply_at(&node, cmd, b.request_id).await?;
-    let since = since - 1;
+    let (index, response) = apply_indexed(&node, cmd, b.request_id).await?;
+    let since = index - 1;
     match response {
         Response::SemGranted { token } => return granted(token),
         Response::SemQueued { .. } if b.wait_ms == 0 => {
@@ -115,6 +115,8 @@ async fn acquire(
         Response::SemQueued { .. } => {}
         r => return Err(unexpected(r)),
     }
+    // The wait is watched in this node's state, which must hold the queued entry first.
+    crate::propose::await_applied(&node, index).await?;
     let lease_id = b.lease_id;
     let what = format!("semaphore {name}");
     let token = wait_for_grant(&node, applied, lease_id, &what, |sm| {

@@ -156,6 +156,21 @@ pub(super) async fn apply_at(
     }
 }
 
+/// [`apply_nowait`], also returning the entry's index. For acquires: a grant is answered from
+/// the response at once; a queued acquire then waits until this node applied `index`
+/// ([`propose::await_applied`]) before it watches this node's state for its grant.
+pub(super) async fn apply_indexed(
+    node: &Node,
+    cmd: Command,
+    request_id: Option<String>,
+) -> Result<(u64, Response), ApiError> {
+    check_request_id(&request_id)?;
+    match node.propose_indexed(cmd, request_id).await? {
+        (_, Response::Rejected(r)) => Err(r.into()),
+        r => Ok(r),
+    }
+}
+
 pub(super) fn unexpected(r: Response) -> ApiError {
     ApiError::new(
         ErrorCode::Unavailable,
@@ -664,8 +679,8 @@ async fn lock_acquire(
     // Deadlock records after `since` are about this call's wait. It is the index before this
     // call's entry, the same on any node (a follower's own applied index may lag the leader's
     // and let an older record of the same lease and lock pass for this wait's).
-    let (since, response) = apply_at(&node, cmd, b.request_id).await?;
-    let since = since - 1;
+    let (index, response) = apply_indexed(&node, cmd, b.request_id).await?;
+    let since = index - 1;
     match response {
         Response::LockGranted { token } => return granted(token),
         // A try-lock never waits, even when the lease is already queued by an earlier call.
@@ -681,6 +696,8 @@ async fn lock_acquire(
         Response::LockQueued { .. } => {}
         r => return Err(unexpected(r)),
     }
+    // The wait is watched in this node's state, which must hold the queued entry first.
+    crate::propose::await_applied(&node, index).await?;
     let lease_id = b.lease_id;
     let what = format!("lock {name}");
     let token = wait_for_grant(&node, applied, lease_id, &what, |sm| {
