@@ -69,11 +69,11 @@ impl Node {
         cmd: Command,
         request_id: Option<String>,
     ) -> Result<Response, ApiError> {
-        self.propose_entry(cmd, request_id).await.map(|(_, r)| r)
+        self.propose_indexed(cmd, request_id).await.map(|(_, r)| r)
     }
 
     /// [`Node::propose`], returning once this node has applied the entry too, with its index:
-    /// for handlers that go on to read this node's state (blocked acquires).
+    /// for handlers that go on to read this node's state.
     pub async fn propose_at(
         &self,
         cmd: Command,
@@ -88,14 +88,6 @@ impl Node {
     /// apply: a handler that reads this node's state only in some outcomes (an acquire that
     /// queued) waits for it then (`propose::await_applied`).
     pub async fn propose_indexed(
-        &self,
-        cmd: Command,
-        request_id: Option<String>,
-    ) -> Result<(u64, Response), ApiError> {
-        self.propose_entry(cmd, request_id).await
-    }
-
-    async fn propose_entry(
         &self,
         cmd: Command,
         request_id: Option<String>,

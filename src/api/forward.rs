@@ -73,9 +73,9 @@ pub async fn route_to_leader(State(node): State<Arc<Node>>, req: Request, next: 
 
 /// Writes whose handler only proposes run on whichever node received them: `Node::propose`
 /// sends the command to the leader in a batch, which costs the leader far less than an HTTP
-/// request per write. Lock and semaphore acquires then wait until this node applied their entry
-/// and watch its state for the grant. The other writes, and linearizable reads, are forwarded
-/// whole.
+/// request per write. A lock or semaphore acquire that queued then waits until this node
+/// applied its entry and watches its state for the grant. The other writes, and linearizable
+/// reads, are forwarded whole.
 fn runs_on_any_node(method: &Method, path: &str) -> bool {
     if ![Method::POST, Method::PUT, Method::DELETE].contains(method) {
         return false;

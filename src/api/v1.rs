@@ -117,43 +117,38 @@ pub(super) fn parse_id(s: &str) -> Result<u64, ApiError> {
         .map_err(|_| ApiError::invalid(format!("{s:?} is not a valid id")))
 }
 
-/// Propose and turn a domain rejection into an error.
+/// A domain rejection (an applied entry whose response says why) becomes the client's error.
+fn accepted(r: Response) -> Result<Response, ApiError> {
+    match r {
+        Response::Rejected(r) => Err(r.into()),
+        r => Ok(r),
+    }
+}
+
+/// Propose, wait until this node applied the entry too, and turn a domain rejection into an
+/// error.
 pub(super) async fn apply(
     node: &Node,
     cmd: Command,
     request_id: Option<String>,
 ) -> Result<Response, ApiError> {
-    apply_at(node, cmd, request_id).await.map(|(_, r)| r)
+    check_request_id(&request_id)?;
+    let (_, response) = node.propose_at(cmd, request_id).await?;
+    accepted(response)
 }
 
 /// [`apply`] for handlers that only answer with the response and read no state after it
 /// (plain writes): on a follower it answers with the leader's result without waiting until
 /// this node has applied the entry (`Node::propose`). Handlers that read this node's state
-/// afterwards use [`apply`] or [`apply_at`]: leadership can move between routing and proposing,
-/// and then even a leader route's entry goes through the forwarder.
+/// afterwards use [`apply`] or wait themselves ([`apply_indexed`]): leadership can move between
+/// routing and proposing, and then even a leader route's entry goes through the forwarder.
 pub(super) async fn apply_nowait(
     node: &Node,
     cmd: Command,
     request_id: Option<String>,
 ) -> Result<Response, ApiError> {
     check_request_id(&request_id)?;
-    match node.propose(cmd, request_id).await? {
-        Response::Rejected(r) => Err(r.into()),
-        r => Ok(r),
-    }
-}
-
-/// [`apply`], also returning the index of the entry.
-pub(super) async fn apply_at(
-    node: &Node,
-    cmd: Command,
-    request_id: Option<String>,
-) -> Result<(u64, Response), ApiError> {
-    check_request_id(&request_id)?;
-    match node.propose_at(cmd, request_id).await? {
-        (_, Response::Rejected(r)) => Err(r.into()),
-        r => Ok(r),
-    }
+    accepted(node.propose(cmd, request_id).await?)
 }
 
 /// [`apply_nowait`], also returning the entry's index. For acquires: a grant is answered from
@@ -165,10 +160,8 @@ pub(super) async fn apply_indexed(
     request_id: Option<String>,
 ) -> Result<(u64, Response), ApiError> {
     check_request_id(&request_id)?;
-    match node.propose_indexed(cmd, request_id).await? {
-        (_, Response::Rejected(r)) => Err(r.into()),
-        r => Ok(r),
-    }
+    let (index, response) = node.propose_indexed(cmd, request_id).await?;
+    Ok((index, accepted(response)?))
 }
 
 pub(super) fn unexpected(r: Response) -> ApiError {
