@@ -36,6 +36,20 @@ const STREAM_RETRY: Duration = Duration::from_secs(60);
 /// Header naming the sending node on Raft RPCs (for the fault switch on the receiver).
 pub const FROM_HEADER: &str = "x-concord-from";
 
+/// The sending node named by a request's [`FROM_HEADER`], if any.
+pub fn from_node(headers: &axum::http::HeaderMap) -> Option<NodeId> {
+    headers
+        .get(FROM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The error of an RPC to `target` while the fault switch cuts the link.
+pub fn link_cut(target: NodeId) -> RPCError<TypeConfig> {
+    let msg = format!("link to node {target} is cut by the fault switch");
+    RPCError::Unreachable(Unreachable::from_string(msg))
+}
+
 #[derive(Clone)]
 pub struct Network {
     client: reqwest::Client,
@@ -152,8 +166,7 @@ impl Peer {
         timeout: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
         if self.faults.is_blocked(self.target) {
-            let msg = format!("link to node {} is cut by the fault switch", self.target);
-            return Err(RPCError::Unreachable(Unreachable::from_string(msg)));
+            return Err(link_cut(self.target));
         }
         let body = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let path = format!("/raft/{path}");
@@ -191,8 +204,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
     {
         Box::pin(async move {
             if self.faults.is_blocked(self.target) {
-                let msg = format!("link to node {} is cut by the fault switch", self.target);
-                return Err(RPCError::Unreachable(Unreachable::from_string(msg)));
+                return Err(link_cut(self.target));
             }
             // A stream of exactly one request (openraft's heartbeats: `stream::once`) goes as
             // one plain request over the pooled connections; opening a stream costs more.

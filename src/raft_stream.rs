@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::faults::Faults;
+use crate::network::link_cut;
 use crate::node::Node;
 use crate::types::{NodeId, TypeConfig};
 
@@ -137,10 +138,11 @@ pub async fn open(
     }
 }
 
-/// Aborts the request-writing task when the answer stream is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<Result<(), String>>);
+/// Aborts a task when dropped: the request writer when the answer stream goes, the follower's
+/// frame reader when its stream ends.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -150,7 +152,7 @@ struct Reader {
     rd: tokio::io::ReadHalf<reqwest::Upgraded>,
     /// When each request was sent, in order: each answer is due `ttl` after its request.
     sent: mpsc::UnboundedReceiver<Instant>,
-    writer: AbortOnDrop,
+    writer: AbortOnDrop<Result<(), RPCError<TypeConfig>>>,
     faults: Arc<Faults>,
     target: NodeId,
     ttl: Duration,
@@ -176,12 +178,12 @@ where
         let mut wr = BufWriter::new(wr);
         while let Some(req) = input.next().await {
             if write_faults.is_blocked(target) {
-                return Err(format!("link to node {target} is cut by the fault switch"));
+                return Err(link_cut(target));
             }
-            let body = bincode::serialize(&req).map_err(|e| e.to_string())?;
+            let body = bincode::serialize(&req).map_err(net_err)?;
             write_frame(&mut wr, &body)
                 .await
-                .map_err(|e| format!("sending to node {target}: {e}"))?;
+                .map_err(|e| net_err(format!("sending to node {target}: {e}")))?;
             if sent_tx.send(Instant::now()).is_err() {
                 return Ok(());
             }
@@ -205,7 +207,7 @@ where
             // Every request was answered and the writer stopped: say why if it failed.
             let res = (&mut r.writer.0).await;
             return match res {
-                Ok(Err(e)) => Some((Err(net_err(e)), None)),
+                Ok(Err(e)) => Some((Err(e), None)),
                 _ => None,
             };
         };
@@ -222,13 +224,7 @@ where
             ))),
             Ok(Err(e)) => Err(net_err(format!("reading from node {}: {e}", r.target))),
             Ok(Ok(None)) => Err(net_err(format!("node {} closed the stream", r.target))),
-            Ok(Ok(Some(body))) if r.faults.is_blocked(r.target) => {
-                drop(body);
-                Err(RPCError::Unreachable(Unreachable::from_string(format!(
-                    "link to node {} is cut by the fault switch",
-                    r.target
-                ))))
-            }
+            Ok(Ok(Some(_))) if r.faults.is_blocked(r.target) => Err(link_cut(r.target)),
             Ok(Ok(Some(body))) => {
                 bincode::deserialize::<StreamAppendResult<TypeConfig>>(&body).map_err(net_err)
             }
@@ -250,12 +246,7 @@ pub async fn accept(State(node): State<Arc<Node>>, mut req: Request) -> Response
         let msg = format!("expected Upgrade: {PROTOCOL}");
         return (StatusCode::BAD_REQUEST, msg).into_response();
     }
-    let from = req
-        .headers()
-        .get(crate::network::FROM_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<NodeId>().ok());
-    let Some(from) = from else {
+    let Some(from) = crate::network::from_node(req.headers()) else {
         let msg = format!("missing {}", crate::network::FROM_HEADER);
         return (StatusCode::BAD_REQUEST, msg).into_response();
     };
@@ -300,7 +291,7 @@ where
             }
         }
     });
-    let _reader = AbortOnDropUnit(reader);
+    let _reader = AbortOnDrop(reader);
     let faults = node.faults.clone();
     // Checked again as Raft takes each request: nothing read before a cut reaches the log after.
     let input = stream::unfold(rx, move |mut rx| {
@@ -339,14 +330,6 @@ where
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-}
-
-struct AbortOnDropUnit(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDropUnit {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[cfg(test)]

@@ -39,11 +39,7 @@ pub async fn drop_blocked(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let from = req
-        .headers()
-        .get(crate::network::FROM_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let from = crate::network::from_node(req.headers());
     if from.is_some_and(|f| node.faults.is_blocked(f)) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
