@@ -56,6 +56,9 @@ trap cleanup EXIT INT TERM
 # default (--unsafe-no-fsync is off).
 ETCD_INITIAL="e1=http://127.0.0.1:23801,e2=http://127.0.0.1:23802,e3=http://127.0.0.1:23803"
 ETCD_EPS="127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793"
+# Each system's server processes: the bench reports their CPU time per op (--cpu-pids).
+etcd_pids=()
+concord_pids=()
 for i in 1 2 3; do
   etcd --name "e$i" --data-dir "$WORK/etcd-$i" \
     --listen-client-urls "http://127.0.0.1:2379$i" --advertise-client-urls "http://127.0.0.1:2379$i" \
@@ -63,6 +66,7 @@ for i in 1 2 3; do
     --initial-cluster "$ETCD_INITIAL" --initial-cluster-state new --initial-cluster-token bench \
     >"$WORK/etcd-$i.log" 2>&1 &
   pids+=($!)
+  etcd_pids+=($!)
 done
 
 # Concord: 127.0.0.1:2770{1,2,3}. fsync is always on (group commit).
@@ -72,6 +76,7 @@ for i in 1 2 3; do
   "$BIN" serve --id "$i" --listen "127.0.0.1:2770$i" --data-dir "$WORK/concord-$i" \
     --initial-cluster "$CONCORD_INITIAL" >"$WORK/concord-$i.log" 2>&1 &
   pids+=($!)
+  concord_pids+=($!)
 done
 
 ready=0
@@ -130,13 +135,20 @@ PY
 }
 
 run_one() { # system workload clients round
-  local sys=$1 w=$2 c=$3 r=$4 eps target
-  if [ "$sys" = concord ]; then target=concord; else target=etcd; fi
+  local sys=$1 w=$2 c=$3 r=$4 eps target cpu_pids
+  if [ "$sys" = concord ]; then
+    target=concord
+    cpu_pids=$(IFS=,; echo "${concord_pids[*]}")
+  else
+    target=etcd
+    cpu_pids=$(IFS=,; echo "${etcd_pids[*]}")
+  fi
   eps=$(leader_last "$sys")
   echo "  $sys endpoints (leader last): $eps"
   local file="$OUT/$w-c$c-$sys-r$r.json"
   "$BIN" --endpoints "$eps" bench --target "$target" --workload "$w" --clients "$c" \
-    --duration "$DURATION" --warmup "$WARMUP" --value-size 256 --json >"$file" || true
+    --duration "$DURATION" --warmup "$WARMUP" --value-size 256 --cpu-pids "$cpu_pids" \
+    --json >"$file" || true
   python3 - "$file" <<'PY'
 import json, sys
 try:
@@ -144,8 +156,10 @@ try:
 except Exception as e:
     print(f"  {sys.argv[1]}: no report ({e})"); sys.exit(0)
 p99 = r.get("p99_ms")
+cpu = (r.get("cpu") or {}).get("servers_us_per_op")
 print(f"  {r['target']:<8} {r['workload']:<15} c={r['clients']:<4} {r['throughput']:>10.1f} {r['unit']:<9}"
-      f" p99 {p99 if p99 is not None else '-'} ms, errors {r['error_count']}")
+      f" p99 {p99 if p99 is not None else '-'} ms, errors {r['error_count']},"
+      f" server CPU {f'{cpu:.0f}' if cpu is not None else '-'} us/op")
 PY
 }
 
@@ -176,6 +190,10 @@ def mean(rs, key):
     vals = [r[key] for r in rs if r.get(key) is not None]
     return statistics.mean(vals) if vals else None
 
+def cpu_mean(rs, key):
+    vals = [r["cpu"][key] for r in rs if r.get("cpu") and r["cpu"].get(key) is not None]
+    return statistics.mean(vals) if vals else None
+
 def fmt(v, d=1):
     return "-" if v is None else f"{v:.{d}f}"
 
@@ -183,8 +201,8 @@ def ratio(a, b):
     return "-" if a is None or b in (None, 0) else f"{a / b:.2f}"
 
 order = ["put", "get", "get-stale", "lock", "lock-contended", "lease"]
-print("| workload | clients | Concord /s | etcd /s | ratio | Concord p99 ms | etcd p99 ms | p99 ratio | entries/fsync | errors C/e |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| workload | clients | Concord /s | etcd /s | ratio | Concord p99 ms | etcd p99 ms | p99 ratio | entries/fsync | errors C/e | server CPU us/op C/e | CPU ratio e/C | generator us/op C/e |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for (w, c) in sorted(runs, key=lambda k: (order.index(k[0]) if k[0] in order else 99, k[1])):
     cr, er = runs[(w, c)].get("concord", []), runs[(w, c)].get("etcd", [])
     ct, et = mean(cr, "throughput"), mean(er, "throughput")
@@ -192,7 +210,10 @@ for (w, c) in sorted(runs, key=lambda k: (order.index(k[0]) if k[0] in order els
     epf = [r["fsync"]["entries_per_fsync"] for r in cr if r.get("fsync") and r["fsync"].get("entries_per_fsync")]
     cerr = sum(r.get("error_count", 0) for r in cr)
     eerr = sum(r.get("error_count", 0) for r in er)
+    cs, es = cpu_mean(cr, "servers_us_per_op"), cpu_mean(er, "servers_us_per_op")
+    cg, eg = cpu_mean(cr, "client_us_per_op"), cpu_mean(er, "client_us_per_op")
     print(f"| {w} | {c} | {fmt(ct)} | {fmt(et)} | {ratio(ct, et)} | {fmt(cp, 2)} | {fmt(ep, 2)} | "
-          f"{ratio(cp, ep)} | {fmt(statistics.mean(epf) if epf else None, 1)} | {cerr}/{eerr} |")
+          f"{ratio(cp, ep)} | {fmt(statistics.mean(epf) if epf else None, 1)} | {cerr}/{eerr} | "
+          f"{fmt(cs, 0)}/{fmt(es, 0)} | {ratio(es, cs)} | {fmt(cg, 0)}/{fmt(eg, 0)} |")
 PY
 echo "reports: $OUT"

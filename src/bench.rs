@@ -28,11 +28,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
 use clap::{Args, ValueEnum};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::HeaderValue;
+use hyper::Method;
+use hyper_util::rt::TokioIo;
 use rand::distributions::Alphanumeric;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use reqwest::Method;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -159,6 +164,10 @@ pub struct BenchArgs {
     /// Timeout of one request (blocking acquires get their wait on top).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Processes on this machine (the servers under test, comma-separated pids) whose CPU
+    /// time over the measured window the report gives per op (`cpu.servers_us_per_op`).
+    #[arg(long, value_delimiter = ',')]
+    pub cpu_pids: Vec<u32>,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -407,30 +416,40 @@ impl Target {
     }
 }
 
-/// The error code of a request that got no answer: `timeout`, `connect` or `transport`.
-pub(crate) fn transport_code(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timeout".into()
-    } else if e.is_connect() {
-        "connect".into()
-    } else {
-        "transport".into()
-    }
-}
-
 /// Error code of a 2xx answer that lacks what the next request needs.
 const BAD_RESPONSE: &str = "bad_response";
 
 /// One endpoint through one connection pool. Sends each request once.
 #[derive(Clone)]
 struct Conn {
-    http: reqwest::Client,
+    pool: Pool,
+    /// The endpoint's URL (`http://host:port`), as the report names it.
     base: String,
     target: Target,
     timeout: Duration,
 }
 
 impl Conn {
+    /// A connection to `base` with a pool of its own.
+    fn new(base: &str, target: Target, timeout: Duration) -> Result<Conn, String> {
+        Ok(Conn {
+            pool: Pool::new(base)?,
+            base: base.to_string(),
+            target,
+            timeout,
+        })
+    }
+
+    /// The same endpoint through `pool` (shared with other clients).
+    fn with_pool(pool: Pool, base: &str, target: Target, timeout: Duration) -> Conn {
+        Conn {
+            pool,
+            base: base.to_string(),
+            target,
+            timeout,
+        }
+    }
+
     /// Send one request; the JSON answer (`Null` if not JSON) or the error code.
     async fn call(
         &self,
@@ -439,16 +458,14 @@ impl Conn {
         body: Option<&Value>,
         extra: Duration,
     ) -> Result<Value, String> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .timeout(self.timeout + extra);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let resp = req.send().await.map_err(|e| transport_code(&e))?;
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| transport_code(&e))?;
+        let body = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|_| "transport".to_string())?,
+            None => Vec::new(),
+        };
+        let sent = self.pool.send(method, path, body);
+        let (status, bytes) = tokio::time::timeout(self.timeout + extra, sent)
+            .await
+            .map_err(|_| "timeout".to_string())??;
         let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if status < 300 {
             Ok(v)
@@ -460,6 +477,106 @@ impl Conn {
     async fn post(&self, path: &str, body: Value) -> Result<Value, String> {
         self.call(Method::POST, path, Some(&body), Duration::ZERO)
             .await
+    }
+}
+
+/// HTTP/1.1 connections to one endpoint, kept open: a request takes an idle one or opens a
+/// new one, and gives it back once the answer is read (a request that failed or timed out
+/// drops its connection). The load generator shares the machine with the servers it
+/// measures, so it is kept lean: one hyper connection per request in flight, the request
+/// line and headers built from a path, none of a general client's URL parsing, proxy,
+/// redirect or retry handling (reqwest's cost ~45 us per op here, docs/benchmarks.md).
+#[derive(Clone)]
+struct Pool(Arc<PoolInner>);
+
+struct PoolInner {
+    /// `host:port` to connect to.
+    addr: String,
+    /// The `Host` header.
+    host: HeaderValue,
+    /// A path the endpoint's URL had (`http://h:p/prefix`), put before every request path.
+    prefix: String,
+    idle: std::sync::Mutex<Vec<SendRequest<Full<Bytes>>>>,
+}
+
+impl Pool {
+    fn new(base: &str) -> Result<Pool, String> {
+        let Some(rest) = base.strip_prefix("http://") else {
+            return Err(format!("{base}: only http:// endpoints can be benchmarked"));
+        };
+        let (addr, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let host = HeaderValue::from_str(addr).map_err(|_| format!("{base}: bad host"))?;
+        Ok(Pool(Arc::new(PoolInner {
+            addr: addr.to_string(),
+            host,
+            prefix: prefix.to_string(),
+            idle: std::sync::Mutex::new(Vec::new()),
+        })))
+    }
+
+    fn take_idle(&self) -> Option<SendRequest<Full<Bytes>>> {
+        let mut idle = self.0.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(c) = idle.pop() {
+            if !c.is_closed() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+        let tcp = tokio::net::TcpStream::connect(&self.0.addr)
+            .await
+            .map_err(|_| "connect".to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|_| "connect".to_string())?;
+        // Ends when the sender is dropped or the server closes the connection.
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    /// One request; the status and the body.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Bytes), String> {
+        let mut conn = match self.take_idle() {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        let transport = |_| "transport".to_string();
+        conn.ready().await.map_err(transport)?;
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.0.prefix))
+            .header(hyper::header::HOST, self.0.host.clone());
+        if !body.is_empty() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|_| "transport".to_string())?;
+        let resp = conn.send_request(req).await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(transport)?
+            .to_bytes();
+        self.0
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+        Ok((status, bytes))
     }
 }
 
@@ -899,6 +1016,89 @@ pub struct Report {
     pub unsupported: Option<String>,
     /// Concord only: the leader's group commit over the measured window.
     pub fsync: Option<FsyncReport>,
+    /// CPU time spent over the measured window, by this load generator and by the processes
+    /// of `--cpu-pids`. `None` where `/proc` could not be read.
+    pub cpu: Option<CpuReport>,
+}
+
+/// CPU time (user + system) over the measured window, in total and per successful op.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CpuReport {
+    pub client_ms: f64,
+    pub client_us_per_op: Option<f64>,
+    /// The processes of `--cpu-pids`, summed; `None` without them.
+    pub servers_ms: Option<f64>,
+    pub servers_us_per_op: Option<f64>,
+}
+
+/// CPU time used so far by this process and by `pids`, in milliseconds (Linux `/proc`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CpuSample {
+    client_ms: f64,
+    servers_ms: Option<f64>,
+}
+
+impl CpuSample {
+    fn take(pids: &[u32]) -> Option<CpuSample> {
+        let read = |pid: &str| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            proc_cpu_ms(&stat, clock_ticks_per_sec())
+        };
+        let servers = if pids.is_empty() {
+            None
+        } else {
+            Some(
+                pids.iter()
+                    .map(|p| read(&p.to_string()))
+                    .sum::<Option<f64>>()?,
+            )
+        };
+        Some(CpuSample {
+            client_ms: read("self")?,
+            servers_ms: servers,
+        })
+    }
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions; it returns -1 for an unknown name.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// User + system CPU time, in milliseconds, from the text of `/proc/<pid>/stat`. The command
+/// name (field 2, in parentheses) may hold spaces, so fields are counted after its `)`:
+/// utime and stime are fields 14 and 15.
+fn proc_cpu_ms(stat: &str, ticks_per_sec: f64) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 * 1000.0 / ticks_per_sec)
+}
+
+impl CpuReport {
+    /// From samples at the start and end of the window; `None` if a counter went back (a
+    /// pid was reused by another process).
+    fn between(before: CpuSample, after: CpuSample, ops: u64) -> Option<CpuReport> {
+        let per_op = |ms: f64| (ops > 0).then(|| ms * 1000.0 / ops as f64);
+        let client_ms = after.client_ms - before.client_ms;
+        let servers_ms = match (before.servers_ms, after.servers_ms) {
+            (Some(b), Some(a)) if a >= b => Some(a - b),
+            (None, None) => None,
+            _ => return None,
+        };
+        (client_ms >= 0.0).then(|| CpuReport {
+            client_ms,
+            client_us_per_op: per_op(client_ms),
+            servers_ms,
+            servers_us_per_op: servers_ms.and_then(per_op),
+        })
+    }
 }
 
 /// How many log entries the leader's fsyncs covered during the measured window (the
@@ -928,13 +1128,8 @@ impl FsyncReport {
 }
 
 /// The group-commit counters of the Concord node at `base`.
-async fn fsync_counters(http: &reqwest::Client, base: &str) -> Option<(u64, u64)> {
-    let conn = Conn {
-        http: http.clone(),
-        base: base.to_string(),
-        target: Target::Concord,
-        timeout: Duration::from_secs(5),
-    };
+async fn fsync_counters(base: &str) -> Option<(u64, u64)> {
+    let conn = Conn::new(base, Target::Concord, Duration::from_secs(5)).ok()?;
     let v = conn
         .call(Method::GET, "/v1/cluster", None, Duration::ZERO)
         .await
@@ -978,6 +1173,7 @@ impl Report {
             unsent: None,
             unsupported: None,
             fsync: None,
+            cpu: None,
         }
     }
 
@@ -1072,6 +1268,21 @@ impl Report {
                 f.leader, f.entries, f.fsyncs
             );
         }
+        if let Some(c) = &self.cpu {
+            let per = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+            s += &format!(
+                "  cpu: load generator {:.0} ms ({} us per op)",
+                c.client_ms,
+                per(c.client_us_per_op)
+            );
+            if let Some(ms) = c.servers_ms {
+                s += &format!(
+                    ", --cpu-pids {ms:.0} ms ({} us per op)",
+                    per(c.servers_us_per_op)
+                );
+            }
+            s += "\n";
+        }
         s.trim_end().to_string()
     }
 }
@@ -1086,30 +1297,12 @@ fn normalize(endpoint: &str) -> String {
     }
 }
 
-fn http_client(idle_per_host: usize) -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .no_proxy()
-        .pool_max_idle_per_host(idle_per_host)
-        .build()
-        .context("building the HTTP client")
-}
-
 /// The leader's URL: the endpoint that says it is the leader, or the leader's address as
 /// Concord's membership lists it.
-async fn find_leader(
-    http: &reqwest::Client,
-    target: Target,
-    endpoints: &[String],
-) -> anyhow::Result<String> {
+async fn find_leader(target: Target, endpoints: &[String]) -> anyhow::Result<String> {
     let mut last = anyhow!("no endpoint answered");
     for base in endpoints {
-        let conn = Conn {
-            http: http.clone(),
-            base: base.clone(),
-            target,
-            timeout: Duration::from_secs(5),
-        };
+        let conn = Conn::new(base, target, Duration::from_secs(5)).map_err(anyhow::Error::msg)?;
         let found = match target {
             Target::Concord => concord_leader(&conn).await,
             Target::Etcd => etcd_leader(&conn).await,
@@ -1249,19 +1442,13 @@ pub async fn run(endpoints: &[String], args: BenchArgs) -> anyhow::Result<Report
         return Ok(report);
     }
     let clients = usize::try_from(args.clients).context("--clients")?;
-    let setup_http = http_client(clients)?;
     if args.leader_only {
-        endpoints = vec![find_leader(&setup_http, args.target, &endpoints).await?];
+        endpoints = vec![find_leader(args.target, &endpoints).await?];
     }
     let mut rng = StdRng::from_entropy();
     let run_id = random_string(&mut rng, 8).to_lowercase();
     let names = Arc::new(Names::new(&run_id));
-    let setup = Conn {
-        http: setup_http.clone(),
-        base: endpoints[0].clone(),
-        target: args.target,
-        timeout: args.timeout,
-    };
+    let setup = Conn::new(&endpoints[0], args.target, args.timeout).map_err(anyhow::Error::msg)?;
     let value = random_string(&mut rng, args.value_size);
     if matches!(args.workload, Workload::Get | Workload::GetStale) {
         fill_keys(&setup, &names, args.keys, &value, clients.min(64)).await?;
@@ -1284,24 +1471,28 @@ pub async fn run(endpoints: &[String], args: BenchArgs) -> anyhow::Result<Report
         Vec::new()
     };
     let legacy_revoke = Arc::new(AtomicBool::new(false));
-    let shared = args.shared_pool.then(|| setup_http.clone());
+    // --shared-pool: one pool per endpoint, shared by the clients sending there.
+    let shared: Vec<Pool> = if args.shared_pool {
+        let pools = endpoints.iter().map(|e| Pool::new(e));
+        pools
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?
+    } else {
+        Vec::new()
+    };
     let mut sessions = Vec::with_capacity(clients);
     for i in 0..clients {
-        let http = match &shared {
-            Some(h) => h.clone(),
-            None => http_client(1)?,
+        let base = &endpoints[i % endpoints.len()];
+        let pool = match shared.get(i % endpoints.len()) {
+            Some(p) => p.clone(),
+            None => Pool::new(base).map_err(anyhow::Error::msg)?,
         };
         let lock = match args.workload {
             Workload::LockContended => names.lock_prefix.clone(),
             _ => format!("{}-{i}", names.lock_prefix),
         };
         sessions.push(Session {
-            conn: Conn {
-                http,
-                base: endpoints[i % endpoints.len()].clone(),
-                target: args.target,
-                timeout: args.timeout,
-            },
+            conn: Conn::with_pool(pool, base, args.target, args.timeout),
             workload: args.workload,
             names: names.clone(),
             lock,
@@ -1315,7 +1506,7 @@ pub async fn run(endpoints: &[String], args: BenchArgs) -> anyhow::Result<Report
     }
 
     let leader = match args.target {
-        Target::Concord => find_leader(&setup_http, args.target, &endpoints).await.ok(),
+        Target::Concord => find_leader(args.target, &endpoints).await.ok(),
         Target::Etcd => None,
     };
 
@@ -1323,11 +1514,15 @@ pub async fn run(endpoints: &[String], args: BenchArgs) -> anyhow::Result<Report
     let warmup_end = start + args.warmup;
     let end = warmup_end + args.duration;
     let fsync_before = leader.clone().map(|leader| {
-        let http = setup_http.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(warmup_end).await;
-            fsync_counters(&http, &leader).await
+            fsync_counters(&leader).await
         })
+    });
+    let cpu_pids = args.cpu_pids.clone();
+    let cpu_before = tokio::spawn(async move {
+        tokio::time::sleep_until(warmup_end).await;
+        CpuSample::take(&cpu_pids)
     });
     let mut tasks = Vec::with_capacity(clients);
     for (i, session) in sessions.into_iter().enumerate() {
@@ -1348,9 +1543,11 @@ pub async fn run(endpoints: &[String], args: BenchArgs) -> anyhow::Result<Report
     for t in tasks {
         total.merge(t.await.context("a client task failed")?);
     }
+    let cpu_after = CpuSample::take(&args.cpu_pids);
+    let cpu_before = cpu_before.await.ok().flatten();
 
     let fsync_after = match &leader {
-        Some(leader) => fsync_counters(&setup_http, leader).await,
+        Some(leader) => fsync_counters(leader).await,
         None => None,
     };
     let fsync_before = match fsync_before {
@@ -1365,6 +1562,9 @@ pub async fn run(endpoints: &[String], args: BenchArgs) -> anyhow::Result<Report
     report.fill(&total, warmup_end, end);
     if let (Some(leader), Some(before), Some(after)) = (leader, fsync_before, fsync_after) {
         report.fsync = FsyncReport::between(leader, before, after);
+    }
+    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+        report.cpu = CpuReport::between(before, after, report.ops);
     }
     Ok(report)
 }

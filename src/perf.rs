@@ -22,7 +22,6 @@ use reqwest::Method;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::bench::transport_code;
 use crate::chaos::runner::{parse_duration, Net, ProcCluster};
 use crate::client::{encode_path, encode_segment, new_request_id};
 
@@ -899,6 +898,17 @@ async fn resources(
         restarted_leases,
         restarted_sample_ok: sample_ok,
     })
+}
+
+/// The error code of a request that got no answer: `timeout`, `connect` or `transport`.
+fn transport_code(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timeout".into()
+    } else if e.is_connect() {
+        "connect".into()
+    } else {
+        "transport".into()
+    }
 }
 
 #[cfg(test)]

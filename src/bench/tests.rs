@@ -294,6 +294,8 @@ fn every_flag_parses() {
         "--shared-pool",
         "--timeout",
         "3s",
+        "--cpu-pids",
+        "41,42",
     ])
     .unwrap();
     assert_eq!(a.workload, Workload::LockContended);
@@ -306,6 +308,7 @@ fn every_flag_parses() {
     assert!(a.leader_only && a.shared_pool);
     assert_eq!(a.target, Target::Etcd);
     assert_eq!(a.timeout, Duration::from_secs(3));
+    assert_eq!(a.cpu_pids, [41, 42]);
     for (w, want) in [
         ("put", Workload::Put),
         ("get", Workload::Get),
@@ -595,6 +598,44 @@ fn fsync_report_is_the_difference_of_two_samples() {
     assert_eq!(FsyncReport::between("x".into(), (10, 100), (12, 50)), None);
 }
 
+#[test]
+fn cpu_time_is_read_after_the_command_name_and_reported_per_op() {
+    // Field 2 may hold spaces and parentheses; utime and stime are fields 14 and 15.
+    let stat = "4242 (tokio (rt) w) S 1 2 3 4 5 6 7 8 9 10 250 30 0 0 20 0 8 0 100";
+    assert_eq!(proc_cpu_ms(stat, 100.0), Some(2800.0));
+    assert_eq!(proc_cpu_ms(stat, 1000.0), Some(280.0));
+    assert_eq!(proc_cpu_ms("4242 (x) S 1 2", 100.0), None, "truncated");
+    assert_eq!(proc_cpu_ms("no parenthesis", 100.0), None);
+
+    let sample = |client_ms, servers_ms| CpuSample {
+        client_ms,
+        servers_ms,
+    };
+    let c = CpuReport::between(
+        sample(100.0, Some(1000.0)),
+        sample(300.0, Some(5000.0)),
+        2000,
+    )
+    .unwrap();
+    assert_eq!(c.client_ms, 200.0);
+    assert_eq!(c.client_us_per_op, Some(100.0));
+    assert_eq!(
+        (c.servers_ms, c.servers_us_per_op),
+        (Some(4000.0), Some(2000.0))
+    );
+    let c = CpuReport::between(sample(1.0, None), sample(2.0, None), 0).unwrap();
+    assert_eq!(
+        (c.client_us_per_op, c.servers_ms),
+        (None, None),
+        "no ops: no rate"
+    );
+    // A server counter that went back: a pid reused by another process.
+    assert_eq!(
+        CpuReport::between(sample(1.0, Some(50.0)), sample(2.0, Some(10.0)), 5),
+        None
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_put_and_get_send_base64_keys_and_values() {
     let (addr, fake) = fake_etcd().await;
@@ -604,6 +645,17 @@ async fn etcd_put_and_get_send_base64_keys_and_values() {
     assert_clean(&r);
     assert_eq!(r.target, Target::Etcd);
     assert_eq!(r.fsync, None, "etcd has no group-commit counters to read");
+    let cpu = r
+        .cpu
+        .clone()
+        .expect("this process's CPU time is read from /proc");
+    assert!(cpu.client_ms > 0.0, "{cpu:?}");
+    let per_op = cpu.client_ms * 1000.0 / r.ops as f64;
+    assert!(
+        (cpu.client_us_per_op.unwrap() - per_op).abs() < 1e-9,
+        "{cpu:?}"
+    );
+    assert_eq!((cpu.servers_ms, cpu.servers_us_per_op), (None, None));
     {
         let st = lock(&fake);
         assert!(st.bad.is_empty(), "{:?}", st.bad);
@@ -615,10 +667,23 @@ async fn etcd_put_and_get_send_base64_keys_and_values() {
         assert!(st.calls["put"] >= r.ops);
     }
 
-    let r = run(std::slice::from_ref(&addr), etcd_args("get", &[]))
-        .await
-        .unwrap();
+    // The fake server runs in this process: as a --cpu-pids process it is counted as well.
+    let me = std::process::id().to_string();
+    let r = run(
+        std::slice::from_ref(&addr),
+        etcd_args("get", &["--cpu-pids", &me]),
+    )
+    .await
+    .unwrap();
     assert_clean(&r);
+    let cpu = r.cpu.clone().unwrap();
+    let servers = cpu.servers_ms.expect("--cpu-pids given");
+    assert!(servers > 0.0, "{cpu:?}");
+    let per_op = servers * 1000.0 / r.ops as f64;
+    assert!(
+        (cpu.servers_us_per_op.unwrap() - per_op).abs() < 1e-9,
+        "{cpu:?}"
+    );
     {
         let st = lock(&fake);
         assert!(st.bad.is_empty(), "{:?}", st.bad);
