@@ -4,11 +4,19 @@
 //! for forgetting the oldest first. Only the first is part of a snapshot: the second holds
 //! nothing that the first does not, and it was a third of the snapshot of a write-heavy node
 //! (the table is the largest part of the state under the bench's `put` workload). Loading a
-//! snapshot rebuilds it. Both orders are canonical (ids and (time, id) pairs sorted), so a node
-//! that applied the entries and a node that loaded a snapshot forget the same ids in the same
-//! order.
+//! snapshot rebuilds it. The (time, id) order is canonical, so a node that applied the entries
+//! and a node that loaded a snapshot forget the same ids in the same order.
+//!
+//! The id index is a hash map from id to answer time: every apply of a request with an id
+//! looks it up, inserts it and forgets the oldest, and in an ordered map of up to
+//! [`super::DEDUP_MAX_IDS`] strings each of those was a walk of some 40 string comparisons
+//! through cold memory (`memcmp` and B-tree code were about 5 % of the machine under `put`,
+//! docs/benchmarks.md). The answers live in the time index, whose keys compare by time first
+//! (new ids go to its end); nothing iterates the hash map, so no order depends on the hash,
+//! and a snapshot writes the ids in time order. Both indexes share each id's one allocation.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -23,13 +31,15 @@ pub(super) struct Dedup {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct RequestIds {
-    by_id: BTreeMap<String, Dedup>,
-    by_time: BTreeSet<(u64, String)>,
+    /// Each id's answer time: with the id, the key of its entry in `by_time`.
+    by_id: HashMap<Arc<str>, u64>,
+    by_time: BTreeMap<(u64, Arc<str>), Dedup>,
 }
 
 impl RequestIds {
     pub fn get(&self, id: &str) -> Option<&Dedup> {
-        self.by_id.get(id)
+        let (id, time) = self.by_id.get_key_value(id)?;
+        self.by_time.get(&(*time, id.clone()))
     }
 
     #[cfg(test)]
@@ -39,19 +49,20 @@ impl RequestIds {
 
     /// Remember the first answer to `id` (which is not in the table).
     pub fn insert(&mut self, id: &str, time_ms: u64, response: Response) {
-        self.by_id
-            .insert(id.to_string(), Dedup { time_ms, response });
-        self.by_time.insert((time_ms, id.to_string()));
+        let id: Arc<str> = Arc::from(id);
+        self.by_id.insert(id.clone(), time_ms);
+        self.by_time
+            .insert((time_ms, id), Dedup { time_ms, response });
     }
 
     /// Forget the ids answered `retention_ms` or longer before `now`, and then, while more
     /// than `keep` are left, the oldest.
     pub fn forget(&mut self, now: u64, retention_ms: u64, keep: usize) {
-        while let Some((t, _)) = self.by_time.first() {
+        while let Some(((t, _), _)) = self.by_time.first_key_value() {
             if t + retention_ms > now && self.by_time.len() <= keep {
                 break;
             }
-            if let Some((_, id)) = self.by_time.pop_first() {
+            if let Some(((_, id), _)) = self.by_time.pop_first() {
                 self.by_id.remove(&id);
             }
         }
@@ -59,13 +70,14 @@ impl RequestIds {
 
     /// The time index, oldest first (for the invariant checks of tests).
     #[cfg(test)]
-    pub fn by_time(&self) -> impl Iterator<Item = &(u64, String)> {
-        self.by_time.iter()
+    pub fn by_time(&self) -> impl Iterator<Item = &(u64, Arc<str>)> {
+        self.by_time.keys()
     }
 
     #[cfg(test)]
     pub fn get_mut(&mut self, id: &str) -> Option<&mut Dedup> {
-        self.by_id.get_mut(id)
+        let (id, time) = self.by_id.get_key_value(id)?;
+        self.by_time.get_mut(&(*time, id.clone()))
     }
 
     #[cfg(test)]
@@ -78,27 +90,31 @@ impl RequestIds {
 impl std::ops::Index<&str> for RequestIds {
     type Output = Dedup;
     fn index(&self, id: &str) -> &Dedup {
-        &self.by_id[id]
+        self.get(id).expect("a remembered request id")
     }
 }
 
 /// The snapshot form is the id map alone: `{"<id>": {"time_ms": .., "response": ..}}`, the
 /// same as the `dedup` field of snapshots written before the time index was left out (their
-/// `dedup_by_time` field is ignored on load).
+/// `dedup_by_time` field is ignored on load). The ids come in (time, id) order; snapshots
+/// written before the hash map have them in id order, which loads the same.
 impl Serialize for RequestIds {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.by_id.serialize(s)
+        s.collect_map(self.by_time.iter().map(|((_, id), d)| (&**id, d)))
     }
 }
 
 impl<'de> Deserialize<'de> for RequestIds {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RequestIds, D::Error> {
-        let by_id = BTreeMap::<String, Dedup>::deserialize(d)?;
-        let by_time = by_id
-            .iter()
-            .map(|(id, e)| (e.time_ms, id.clone()))
-            .collect();
-        Ok(RequestIds { by_id, by_time })
+        let entries = HashMap::<String, Dedup>::deserialize(d)?;
+        let mut ids = RequestIds::default();
+        ids.by_id.reserve(entries.len());
+        for (id, e) in entries {
+            let id: Arc<str> = Arc::from(id);
+            ids.by_id.insert(id.clone(), e.time_ms);
+            ids.by_time.insert((e.time_ms, id), e);
+        }
+        Ok(ids)
     }
 }
 
@@ -128,8 +144,12 @@ mod tests {
         );
         let back: RequestIds = serde_json::from_value(json).unwrap();
         assert_eq!(back, t);
-        let order: Vec<_> = back.by_time().map(|(t, id)| (*t, id.as_str())).collect();
+        let order: Vec<_> = back.by_time().map(|(t, id)| (*t, &**id)).collect();
         assert_eq!(order, [(5, "b"), (5, "c"), (7, "a")]);
+        // Written in the time index's order, whatever the hash map's.
+        let text = serde_json::to_string(&t).unwrap();
+        let at = |id: &str| text.find(&format!("\"{id}\"")).unwrap();
+        assert!(at("b") < at("c") && at("c") < at("a"), "{text}");
     }
 
     #[test]
