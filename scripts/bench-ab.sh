@@ -8,11 +8,15 @@
 #
 # Build the old binary from a worktree with the same CARGO_TARGET_DIR and copy it away before
 # building the new one (one RocksDB build serves both). Reports go to OUT (default
-# data/bench-ab/<time>); the last lines are one row per run.
+# data/bench-ab/<time>); the last lines are one row per run, with the servers' CPU time per op
+# (the three nodes together, `--cpu-pids`): on this shared machine a steadier signal than
+# throughput. One load generator drives both clusters: GEN (default NEW_BINARY; it needs
+# `--cpu-pids`, c464581 or later), so that only the servers differ.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: $0 OLD_BINARY NEW_BINARY" >&2; exit 2; }
 BINS=("$1" "$2")
+GEN=${GEN:-$2}
 RUNS=${RUNS:-"lock-contended:64 lock-contended:256 put:256 lock:256"}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-8s}
@@ -55,8 +59,9 @@ for r in $(seq 1 "$ROUNDS"); do
     for run in $RUNS; do
       w=${run%%:*} c=${run##*:}
       f="$OUT/$label-$w-$c-$r.json"
-      "${BINS[$b]}" --endpoints "$EPS" bench --workload "$w" --clients "$c" \
-        --duration "$DURATION" --warmup "$WARMUP" --json >"$f" 2>"$f.err" || true
+      "$GEN" --endpoints "$EPS" bench --workload "$w" --clients "$c" \
+        --duration "$DURATION" --warmup "$WARMUP" --cpu-pids "$(IFS=,; echo "${pids[*]}")" \
+        --json >"$f" 2>"$f.err" || true
       python3 - "$f" "$r" "$label" <<'EOF'
 import json, sys
 f, r, label = sys.argv[1:4]
@@ -65,8 +70,10 @@ try:
 except ValueError:
     print(f"round {r} {label:<3} {f}: no report (see {f}.err)")
     sys.exit(0)
+cpu = (d.get("cpu") or {}).get("servers_us_per_op")
 print(f"round {r} {label:<3} {d['workload']:<15} c={d['clients']:<4} {d['throughput']:>9.1f} {d['unit']:<8}"
-      f" p50 {d['p50_ms']} ms  p99 {d['p99_ms']} ms  errors {d['error_count']}")
+      f" p50 {d['p50_ms']} ms  p99 {d['p99_ms']} ms  errors {d['error_count']}"
+      f"  server CPU {f'{cpu:.0f}' if cpu is not None else '-'} us/op")
 EOF
     done
     stop
