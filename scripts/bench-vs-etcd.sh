@@ -3,7 +3,8 @@
 # cluster on loopback, both with fsync on, the same load generator (`concord bench`, which
 # speaks etcd's v3 JSON gateway with --target etcd), the same workloads at the same client
 # counts, the two systems alternating run by run. Prints one table with the ratio
-# Concord/etcd per row and keeps every run's JSON report.
+# Concord/etcd per row, and each system's CPU time per op (its three server processes,
+# `--cpu-pids`, and the load generator), and keeps every run's JSON report.
 #
 #   scripts/bench-vs-etcd.sh                      # defaults below
 #   DURATION=5s ROUNDS=1 CLIENTS="16 64" WORKLOADS="put lock" scripts/bench-vs-etcd.sh
