@@ -158,7 +158,8 @@ pub struct BenchArgs {
     /// The API spoken: concord or etcd (v3 JSON gateway; no semaphore workload).
     #[arg(long, value_enum, default_value = "concord")]
     pub target: Target,
-    /// One HTTP client (connection pool) shared by all clients, instead of one per client.
+    /// One connection pool per endpoint, shared by the clients sending there, instead of one
+    /// per client.
     #[arg(long)]
     pub shared_pool: bool,
     /// Timeout of one request (blocking acquires get their wait on top).
@@ -485,7 +486,8 @@ impl Conn {
 /// drops its connection). The load generator shares the machine with the servers it
 /// measures, so it is kept lean: one hyper connection per request in flight, the request
 /// line and headers built from a path, none of a general client's URL parsing, proxy,
-/// redirect or retry handling (reqwest's cost ~45 us per op here, docs/benchmarks.md).
+/// redirect or retry handling (through reqwest the generator used 30-38 us of CPU per put,
+/// now 21-24; docs/benchmarks.md).
 #[derive(Clone)]
 struct Pool(Arc<PoolInner>);
 
@@ -504,13 +506,22 @@ impl Pool {
         let Some(rest) = base.strip_prefix("http://") else {
             return Err(format!("{base}: only http:// endpoints can be benchmarked"));
         };
-        let (addr, prefix) = match rest.find('/') {
+        let (authority, prefix) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
         };
-        let host = HeaderValue::from_str(addr).map_err(|_| format!("{base}: bad host"))?;
+        let host = HeaderValue::from_str(authority).map_err(|_| format!("{base}: bad host"))?;
+        // `http://host` means port 80 (an IPv6 literal without a port ends with `]`).
+        let has_port = authority
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| !port.ends_with(']'));
+        let addr = if has_port {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
         Ok(Pool(Arc::new(PoolInner {
-            addr: addr.to_string(),
+            addr,
             host,
             prefix: prefix.to_string(),
             idle: std::sync::Mutex::new(Vec::new()),
@@ -547,12 +558,21 @@ impl Pool {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(u16, Bytes), String> {
-        let mut conn = match self.take_idle() {
-            Some(c) => c,
-            None => self.connect().await?,
-        };
         let transport = |_| "transport".to_string();
-        conn.ready().await.map_err(transport)?;
+        // An idle connection the server closed meanwhile is replaced by a new one (nothing
+        // was sent on it); a new connection that is not ready is a transport error.
+        let idle = match self.take_idle() {
+            Some(mut c) => c.ready().await.is_ok().then_some(c),
+            None => None,
+        };
+        let mut conn = match idle {
+            Some(c) => c,
+            None => {
+                let mut c = self.connect().await?;
+                c.ready().await.map_err(transport)?;
+                c
+            }
+        };
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.0.prefix))
@@ -1082,15 +1102,16 @@ fn proc_cpu_ms(stat: &str, ticks_per_sec: f64) -> Option<f64> {
 }
 
 impl CpuReport {
-    /// From samples at the start and end of the window; `None` if a counter went back (a
-    /// pid was reused by another process).
+    /// From samples at the start and end of the window; `None` if this process's counter
+    /// went back.
     fn between(before: CpuSample, after: CpuSample, ops: u64) -> Option<CpuReport> {
         let per_op = |ms: f64| (ops > 0).then(|| ms * 1000.0 / ops as f64);
         let client_ms = after.client_ms - before.client_ms;
+        // A server counter that went back (a pid reused by another process) or that could
+        // not be read at one end: no servers' figure.
         let servers_ms = match (before.servers_ms, after.servers_ms) {
             (Some(b), Some(a)) if a >= b => Some(a - b),
-            (None, None) => None,
-            _ => return None,
+            _ => None,
         };
         (client_ms >= 0.0).then(|| CpuReport {
             client_ms,

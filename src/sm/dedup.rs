@@ -1,19 +1,20 @@
 //! The table of answered request ids (idempotency keys).
 //!
-//! Two indexes of the same entries: by id, for the lookup on every apply, and by (time, id),
-//! for forgetting the oldest first. Only the first is part of a snapshot: the second holds
-//! nothing that the first does not, and it was a third of the snapshot of a write-heavy node
-//! (the table is the largest part of the state under the bench's `put` workload). Loading a
-//! snapshot rebuilds it. The (time, id) order is canonical, so a node that applied the entries
-//! and a node that loaded a snapshot forget the same ids in the same order.
+//! Two indexes of the same entries. The time index, keyed by (time, id), holds the answers and
+//! gives the order in which ids are forgotten, oldest first; it is what a snapshot holds, as
+//! a map from id to `{time_ms, response}` in (time, id) order. The id index maps each id to
+//! its answer time, for the lookup on every apply; loading a snapshot rebuilds it. (Snapshots
+//! once held a separate (time, id) list too, a third of a write-heavy node's snapshot; its
+//! `dedup_by_time` field is ignored on load.) The (time, id) order is canonical, so a node
+//! that applied the entries and a node that loaded a snapshot forget the same ids in the same
+//! order.
 //!
-//! The id index is a hash map from id to answer time: every apply of a request with an id
-//! looks it up, inserts it and forgets the oldest, and in an ordered map of up to
-//! [`super::DEDUP_MAX_IDS`] strings each of those was a walk of some 40 string comparisons
-//! through cold memory (`memcmp` and B-tree code were about 5 % of the machine under `put`,
-//! docs/benchmarks.md). The answers live in the time index, whose keys compare by time first
-//! (new ids go to its end); nothing iterates the hash map, so no order depends on the hash,
-//! and a snapshot writes the ids in time order. Both indexes share each id's one allocation.
+//! The id index is a hash map: every apply of a request with an id looks it up, inserts it and
+//! forgets the oldest, and in an ordered map of up to [`super::DEDUP_MAX_IDS`] strings each of
+//! those was a walk of some 40 string comparisons through cold memory (`memcmp` and B-tree
+//! code were about 5 % of the machine under `put`, docs/benchmarks.md). The time index's keys
+//! compare by time first (new ids go to its end). Nothing iterates the hash map, so no order
+//! depends on the hash. Both indexes share each id's one allocation.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -47,10 +48,13 @@ impl RequestIds {
         self.by_id.len()
     }
 
-    /// Remember the first answer to `id` (which is not in the table).
+    /// Remember the first answer to `id` (`Sm::apply` only calls this for an id that is not
+    /// in the table; one that is would replace its answer and time).
     pub fn insert(&mut self, id: &str, time_ms: u64, response: Response) {
         let id: Arc<str> = Arc::from(id);
-        self.by_id.insert(id.clone(), time_ms);
+        if let Some(old) = self.by_id.insert(id.clone(), time_ms) {
+            self.by_time.remove(&(old, id.clone()));
+        }
         self.by_time
             .insert((time_ms, id), Dedup { time_ms, response });
     }
@@ -150,6 +154,18 @@ mod tests {
         let text = serde_json::to_string(&t).unwrap();
         let at = |id: &str| text.find(&format!("\"{id}\"")).unwrap();
         assert!(at("b") < at("c") && at("c") < at("a"), "{text}");
+    }
+
+    #[test]
+    fn inserting_an_id_again_replaces_its_answer_and_time_in_both_indexes() {
+        let mut t = table(&[("a", 5), ("b", 6)]);
+        t.insert("a", 9, Response::LeaseRevoked { lease_id: 3 });
+        assert_eq!(t.len(), 2);
+        let order: Vec<_> = t.by_time().map(|(t, id)| (*t, &**id)).collect();
+        assert_eq!(order, [(6, "b"), (9, "a")]);
+        assert_eq!(t["a"].response, Response::LeaseRevoked { lease_id: 3 });
+        t.forget(10, 100, 1);
+        assert!(t.contains_key("a") && !t.contains_key("b"));
     }
 
     #[test]
