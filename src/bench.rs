@@ -433,12 +433,7 @@ struct Conn {
 impl Conn {
     /// A connection to `base` with a pool of its own.
     fn new(base: &str, target: Target, timeout: Duration) -> Result<Conn, String> {
-        Ok(Conn {
-            pool: Pool::new(base)?,
-            base: base.to_string(),
-            target,
-            timeout,
-        })
+        Ok(Conn::with_pool(Pool::new(base)?, base, target, timeout))
     }
 
     /// The same endpoint through `pool` (shared with other clients).
@@ -1060,9 +1055,10 @@ struct CpuSample {
 
 impl CpuSample {
     fn take(pids: &[u32]) -> Option<CpuSample> {
+        let ticks = clock_ticks_per_sec();
         let read = |pid: &str| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            proc_cpu_ms(&stat, clock_ticks_per_sec())
+            proc_cpu_ms(&stat, ticks)
         };
         let servers = if pids.is_empty() {
             None

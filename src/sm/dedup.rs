@@ -39,8 +39,13 @@ pub(super) struct RequestIds {
 
 impl RequestIds {
     pub fn get(&self, id: &str) -> Option<&Dedup> {
+        self.by_time.get(&self.time_key(id)?)
+    }
+
+    /// The key of `id`'s entry in the time index.
+    fn time_key(&self, id: &str) -> Option<(u64, Arc<str>)> {
         let (id, time) = self.by_id.get_key_value(id)?;
-        self.by_time.get(&(*time, id.clone()))
+        Some((*time, id.clone()))
     }
 
     #[cfg(test)]
@@ -80,8 +85,8 @@ impl RequestIds {
 
     #[cfg(test)]
     pub fn get_mut(&mut self, id: &str) -> Option<&mut Dedup> {
-        let (id, time) = self.by_id.get_key_value(id)?;
-        self.by_time.get_mut(&(*time, id.clone()))
+        let key = self.time_key(id)?;
+        self.by_time.get_mut(&key)
     }
 
     #[cfg(test)]
