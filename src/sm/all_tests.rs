@@ -962,6 +962,10 @@ struct Run {
     h: Harness,
     /// A copy restored from the last snapshot, applying the same entries since.
     shadow: Option<Sm>,
+    /// The state copied at the last snapshot and its encoding then: the store encodes its
+    /// copy after letting go of the state, while entries go on being applied to the state
+    /// (the copy shares the big tables until they are written, `sm/cow.rs`).
+    image: Option<(SmState, Vec<u8>)>,
     log: Vec<Logged>,
     responses: Vec<Response>,
     /// Every lease ever granted, for stale picks.
@@ -978,6 +982,7 @@ impl Run {
         Run {
             h: Harness::with_check(deep_check),
             shadow: None,
+            image: None,
             log: Vec::new(),
             responses: Vec::new(),
             granted: Vec::new(),
@@ -1375,6 +1380,7 @@ impl Run {
     /// Round-trip the state the way the store writes snapshots; the restored copy follows the
     /// run from here.
     fn snapshot(&mut self) -> Result<(), TestCaseError> {
+        self.check_image()?;
         let st = SmState {
             sm: self.sm().clone(),
             ..SmState::default()
@@ -1383,6 +1389,17 @@ impl Run {
         let back: SmState = serde_json::from_slice(&bytes).map_err(fail)?;
         prop_assert_eq!(&back.sm, self.sm(), "snapshot round trip");
         self.shadow = Some(back.sm);
+        self.image = Some((st, bytes));
+        Ok(())
+    }
+
+    /// The last snapshot's copy still encodes to what the state held when it was taken,
+    /// whatever was applied since.
+    fn check_image(&self) -> Result<(), TestCaseError> {
+        if let Some((st, bytes)) = &self.image {
+            let now = serde_json::to_vec(st).map_err(fail)?;
+            prop_assert!(&now == bytes, "a snapshot copy changed after it was taken");
+        }
         Ok(())
     }
 
@@ -1513,6 +1530,7 @@ fn run_case(steps: &[Step], seen: &mut Outcomes) -> Result<(), TestCaseError> {
     for (n, s) in steps.iter().enumerate() {
         run.step(n, s, seen)?;
     }
+    run.check_image()?;
     run.check_replay()?;
     run.h.assert_round_trip();
     Ok(())

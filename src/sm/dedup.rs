@@ -15,12 +15,17 @@
 //! code were about 5 % of the machine under `put`, docs/benchmarks.md). The time index's keys
 //! compare by time first (new ids go to its end). Nothing iterates the hash map, so no order
 //! depends on the hash. Both indexes share each id's one allocation.
+//!
+//! Both indexes are copy-on-write maps (`cow.rs`): a snapshot's copy of the state shares them,
+//! and the apply task, which inserts at the time index's end and forgets from its start,
+//! copies only the chunks and shards it touches while the snapshot is being encoded.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::cow::{CowHashMap, CowMap};
 use super::Response;
 
 /// The first answer to a request id, and when it was given (log time).
@@ -33,8 +38,8 @@ pub(super) struct Dedup {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct RequestIds {
     /// Each id's answer time: with the id, the key of its entry in `by_time`.
-    by_id: HashMap<Arc<str>, u64>,
-    by_time: BTreeMap<(u64, Arc<str>), Dedup>,
+    by_id: CowHashMap<Arc<str>, u64>,
+    by_time: CowMap<(u64, Arc<str>), Dedup>,
 }
 
 impl RequestIds {
@@ -116,14 +121,16 @@ impl Serialize for RequestIds {
 impl<'de> Deserialize<'de> for RequestIds {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RequestIds, D::Error> {
         let entries = HashMap::<String, Dedup>::deserialize(d)?;
-        let mut ids = RequestIds::default();
-        ids.by_id.reserve(entries.len());
-        for (id, e) in entries {
-            let id: Arc<str> = Arc::from(id);
-            ids.by_id.insert(id.clone(), e.time_ms);
-            ids.by_time.insert((e.time_ms, id), e);
-        }
-        Ok(ids)
+        let mut by_id = CowHashMap::with_capacity(entries.len());
+        let by_time = entries
+            .into_iter()
+            .map(|(id, e)| {
+                let id: Arc<str> = Arc::from(id);
+                by_id.insert(id.clone(), e.time_ms);
+                ((e.time_ms, id), e)
+            })
+            .collect();
+        Ok(RequestIds { by_id, by_time })
     }
 }
 

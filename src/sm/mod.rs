@@ -15,6 +15,7 @@
 
 mod barrier;
 mod condition;
+mod cow;
 mod deadlock;
 mod dedup;
 mod double_barrier;
@@ -32,6 +33,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+pub use cow::CowMap;
 use dedup::RequestIds;
 
 pub use barrier::{Barrier, BarrierPass, BarrierRelease, BarrierWaiter, MAX_PARTIES};
@@ -79,7 +81,7 @@ pub struct Sm {
     pub leases: BTreeMap<u64, Lease>,
     /// (deadline_ms, lease_id) of every live lease.
     lease_expiry: BTreeSet<(u64, u64)>,
-    pub kv: BTreeMap<String, KvEntry>,
+    pub kv: CowMap<String, KvEntry>,
     pub locks: BTreeMap<String, Lock>,
     /// (deadline_ms, lock, lease_id) of every waiter.
     wait_expiry: BTreeSet<(u64, String, u64)>,

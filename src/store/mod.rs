@@ -9,8 +9,8 @@
 //!   entries are also kept decoded in memory (`entry_cache`), so that applying and replicating
 //!   what was just appended does not read it back from RocksDB and decode it again.
 //! - `snapshot`: `meta` (JSON `SnapshotMeta`) and `data` (JSON `SmState`), written together
-//!   with a synced batch. On start the state machine is loaded from here and openraft replays
-//!   the committed log after it.
+//!   in one batch outside the write-ahead log, then flushed to a table file (synced). On start
+//!   the state machine is loaded from here and openraft replays the committed log after it.
 //!
 //! The on-disk format is JSON so that `#[serde(default)]` fields keep old logs readable.
 
