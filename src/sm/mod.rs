@@ -30,6 +30,7 @@ mod semaphore;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -81,7 +82,9 @@ pub struct Sm {
     pub leases: BTreeMap<u64, Lease>,
     /// (deadline_ms, lease_id) of every live lease.
     lease_expiry: BTreeSet<(u64, u64)>,
-    pub kv: CowMap<String, KvEntry>,
+    /// Each entry behind an `Arc`: a copy-on-write chunk copy then costs reference counts, not
+    /// values (up to 512 KiB each).
+    pub kv: CowMap<String, Arc<KvEntry>>,
     pub locks: BTreeMap<String, Lock>,
     /// (deadline_ms, lock, lease_id) of every waiter.
     wait_expiry: BTreeSet<(u64, String, u64)>,

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Cursor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use openraft::alias::SnapshotOf;
@@ -43,6 +44,9 @@ pub struct SmShared {
     /// Size of the last snapshot built: the next one's buffer starts this large, so encoding
     /// does not also copy the buffer over while it grows.
     snapshot_bytes: AtomicUsize,
+    /// Held while a snapshot is stored: a build (its own task in openraft) and an install
+    /// from the leader can overlap, and the older must not replace the newer.
+    snapshot_save: Mutex<()>,
 }
 
 impl SmShared {
@@ -212,6 +216,7 @@ impl StateMachineStore {
                 lease_wakers: Mutex::new(HashMap::new()),
                 index_waiters: Mutex::new(BTreeMap::new()),
                 snapshot_bytes: AtomicUsize::new(0),
+                snapshot_save: Mutex::new(()),
             }),
             db,
         };
@@ -227,8 +232,10 @@ impl StateMachineStore {
             .db
             .cf_handle(CF_SNAPSHOT)
             .expect("snapshot column family");
-        let meta = self.db.get_cf(cf, "meta").map_err(io_err)?;
-        let data = self.db.get_cf(cf, "data").map_err(io_err)?;
+        // Both keys from one point in time: a snapshot being stored meanwhile is all or nothing.
+        let view = self.db.snapshot();
+        let meta = view.get_cf(cf, "meta").map_err(io_err)?;
+        let data = view.get_cf(cf, "data").map_err(io_err)?;
         match (meta, data) {
             (Some(m), Some(d)) => {
                 let meta = serde_json::from_slice(&m).map_err(invalid_data)?;
@@ -238,11 +245,24 @@ impl StateMachineStore {
         }
     }
 
-    fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+    /// Store a snapshot unless a newer one is stored already (`false` then).
+    fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<bool> {
+        let _one_at_a_time = self
+            .shared
+            .snapshot_save
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let cf = self
             .db
             .cf_handle(CF_SNAPSHOT)
             .expect("snapshot column family");
+        if let Some(stored) = self.db.get_cf(cf, "meta").map_err(io_err)? {
+            let stored: SnapshotMeta = serde_json::from_slice(&stored).map_err(invalid_data)?;
+            let index = |m: &SnapshotMeta| m.last_log_id.map(|l| l.index());
+            if index(&stored) > index(meta) {
+                return Ok(false);
+            }
+        }
         let mut batch = WriteBatch::default();
         batch.put_cf(cf, "meta", serde_json::to_vec(meta).map_err(invalid_data)?);
         batch.put_cf(cf, "data", data);
@@ -257,7 +277,8 @@ impl StateMachineStore {
         self.db.write_opt(batch, &wo).map_err(io_err)?;
         let mut fo = FlushOptions::default();
         fo.set_wait(true);
-        self.db.flush_cf_opt(&cf, &fo).map_err(io_err)
+        self.db.flush_cf_opt(&cf, &fo).map_err(io_err)?;
+        Ok(true)
     }
 }
 
@@ -273,32 +294,60 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         &mut self,
     ) -> Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>, io::Error> {
         let store = self.store.clone();
+        let started = std::time::Instant::now();
         let (tx, rx) = oneshot::channel();
         // A thread of its own, not the blocking pool: it lowers its own priority.
+        let encoder = store.clone();
         std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
-                let _ = tx.send(build(&store));
+                let _ = tx.send(encode(&encoder));
             })?;
-        rx.await
-            .map_err(|_| io::Error::other("the snapshot thread panicked"))?
+        let (meta, data, copied) = rx
+            .await
+            .map_err(|_| io::Error::other("the snapshot thread panicked"))??;
+        let encoded = started.elapsed();
+        store
+            .shared
+            .snapshot_bytes
+            .store(data.len(), Ordering::Relaxed);
+        // Stored at normal priority: RocksDB's write queue and the flush are shared with the
+        // Raft log's appends, which must not wait behind a low-priority thread.
+        let (meta, data, stored) = tokio::task::spawn_blocking(move || {
+            let stored = store.save_snapshot(&meta, &data)?;
+            Ok::<_, io::Error>((meta, data, stored))
+        })
+        .await
+        .map_err(io_err)??;
+        tracing::info!(
+            index = meta.last_log_id.map_or(0, |l| l.index()),
+            bytes = data.len(),
+            copy_us = copied.as_micros() as u64,
+            encode_ms = encoded.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            stored,
+            "snapshot built"
+        );
+        Ok(Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
+        })
     }
 }
 
-/// Copy the state, encode the copy and store it (on the snapshot thread).
-fn build(store: &StateMachineStore) -> io::Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>> {
+/// Copy the state and encode the copy (on the snapshot thread); also how long the copy took.
+fn encode(store: &StateMachineStore) -> io::Result<(SnapshotMeta, Vec<u8>, Duration)> {
     let started = std::time::Instant::now();
     // A copy of the state at `last_applied`, taken under the read lock. The big tables are
     // copy-on-write maps (`sm/cow.rs`): the copy shares their chunks and the apply task, free
     // again once the lock is let go, copies a chunk only when it writes to it before the
-    // encoding below is done with it.
+    // encoding below is done with it. (The other tables are cloned: small in practice.)
     let image = store.shared.read().clone();
     let copied = started.elapsed();
-    // Encoding takes a core for 100-500 ms and every node reaches its snapshot index at about
-    // the same time: at normal priority, on a machine as busy as its cores, that time came off
-    // the request handlers (docs/benchmarks.md). Like RocksDB's compactions, the snapshot
-    // yields to them; nothing waits for it (the copy was taken at normal priority, the
-    // lock is let go).
+    // Encoding takes a core for 75-770 ms (docs/benchmarks.md) and every node reaches its
+    // snapshot index at about the same time: at normal priority, on a machine as busy as its
+    // cores, that time came off the request handlers. The encoding yields to them; it holds no
+    // lock and nothing on a request's path waits for it.
     lower_priority();
     let hint = store.shared.snapshot_bytes.load(Ordering::Relaxed);
     let mut data = Vec::with_capacity(hint + hint / 8);
@@ -307,25 +356,7 @@ fn build(store: &StateMachineStore) -> io::Result<SnapshotOf<TypeConfig, Cursor<
         last_log_id: image.last_applied,
         last_membership: image.membership.clone(),
     };
-    drop(image);
-    let encoded = started.elapsed();
-    store
-        .shared
-        .snapshot_bytes
-        .store(data.len(), Ordering::Relaxed);
-    store.save_snapshot(&meta, &data)?;
-    tracing::info!(
-        index = meta.last_log_id.map_or(0, |l| l.index()),
-        bytes = data.len(),
-        copy_us = copied.as_micros() as u64,
-        encode_ms = encoded.as_millis() as u64,
-        total_ms = started.elapsed().as_millis() as u64,
-        "snapshot built"
-    );
-    Ok(Snapshot {
-        meta,
-        snapshot: Cursor::new(data),
-    })
+    Ok((meta, data, copied))
 }
 
 /// Nice value of the snapshot thread: with the request threads at 0, about a tenth of a
@@ -422,7 +453,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut st: SmState = serde_json::from_slice(&data).map_err(invalid_data)?;
         st.last_applied = meta.last_log_id;
         st.membership = meta.last_membership.clone();
-        self.save_snapshot(meta, &data)?;
+        let (store, stored_meta) = (self.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || store.save_snapshot(&stored_meta, &data))
+            .await
+            .map_err(io_err)??;
         self.shared.replace(st);
         Ok(())
     }
@@ -445,6 +479,38 @@ mod tests {
 
     use super::*;
     use crate::sm::Event;
+
+    #[test]
+    fn an_older_snapshot_does_not_replace_a_newer_one_and_both_keys_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = |index| SnapshotMeta {
+            last_log_id: Some(openraft::testing::blank_ent::<TypeConfig>(1, 1, index).log_id()),
+            last_membership: StoredMembership::default(),
+        };
+        let state = |time_ms| {
+            let mut st = SmState::default();
+            st.sm.time_ms = time_ms;
+            serde_json::to_vec(&st).unwrap()
+        };
+        let stored = |sm: &StateMachineStore| {
+            let (m, d) = sm.load_snapshot().unwrap().expect("a snapshot");
+            let st: SmState = serde_json::from_slice(&d).unwrap();
+            (m.last_log_id.unwrap().index(), st.sm.time_ms)
+        };
+        {
+            let (_log, sm) = super::super::open(dir.path()).unwrap();
+            assert!(sm.load_snapshot().unwrap().is_none());
+            assert!(sm.save_snapshot(&meta(20), &state(200)).unwrap());
+            // A build that copied the state at 10 finishing after an install at 20.
+            assert!(!sm.save_snapshot(&meta(10), &state(100)).unwrap());
+            assert_eq!(stored(&sm), (20, 200));
+            assert!(sm.save_snapshot(&meta(30), &state(300)).unwrap());
+            assert_eq!(stored(&sm), (30, 300));
+        }
+        let (_log, sm) = super::super::open(dir.path()).unwrap();
+        assert_eq!(stored(&sm), (30, 300));
+        assert_eq!(sm.shared.read().sm.time_ms, 300, "loaded on open");
+    }
 
     #[cfg(target_os = "linux")]
     #[test]
@@ -470,6 +536,7 @@ mod tests {
             lease_wakers: Mutex::new(HashMap::new()),
             index_waiters: Mutex::new(BTreeMap::new()),
             snapshot_bytes: AtomicUsize::new(0),
+            snapshot_save: Mutex::new(()),
         })
     }
 
