@@ -147,6 +147,9 @@ pub struct NodeMemory {
     pub data_mb: f64,
 }
 
+/// How long after a restarted node is ready its memory is measured a second time.
+pub const SETTLE: Duration = Duration::from_secs(3);
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ResourcesReport {
     pub keys: u64,
@@ -163,8 +166,11 @@ pub struct ResourcesReport {
     pub restart_health_ms: f64,
     /// Spawn -> `/ready`, applied up to the commit index the leader had when it was killed.
     pub restart_ready_ms: f64,
-    /// The restarted node, after its restart.
+    /// The restarted node, once ready.
     pub restarted_rss_mb: f64,
+    /// The restarted node, [`SETTLE`] later: loading frees much of what it allocated, and the
+    /// allocator gives freed memory back to the system only after a delay (mimalloc: 1 s).
+    pub restarted_settled_rss_mb: f64,
     /// Stale reads on the restarted node: leases and a sample of keys and locks found.
     pub restarted_leases: u64,
     pub restarted_sample_ok: bool,
@@ -217,11 +223,13 @@ impl PerfReport {
                 }
                 s += &format!(
                     "restart of node {}: /health after {:.0} ms, ready and caught up after {:.0} ms, \
-                     RSS {:.1} MB; {} leases and the sampled keys and locks {}",
+                     RSS {:.1} MB ({:.1} MB {} s later); {} leases and the sampled keys and locks {}",
                     r.restarted,
                     r.restart_health_ms,
                     r.restart_ready_ms,
                     r.restarted_rss_mb,
+                    r.restarted_settled_rss_mb,
+                    SETTLE.as_secs(),
                     r.restarted_leases,
                     if r.restarted_sample_ok { "found" } else { "NOT found" }
                 );
@@ -884,6 +892,9 @@ async fn resources(
             .await
             .is_some_and(|v| v["holder"]["lease_id"] == want);
     }
+    let settle_from = spawned + ready + SETTLE;
+    tokio::time::sleep_until(settle_from.into()).await;
+    let (settled_rss, _) = rss_mb(pid).ok_or_else(|| anyhow!("no /proc/{pid}/status"))?;
     Ok(ResourcesReport {
         keys: args.keys,
         leases: args.leases,
@@ -895,6 +906,7 @@ async fn resources(
         restart_health_ms: ms(health),
         restart_ready_ms: ms(ready),
         restarted_rss_mb: restarted_rss,
+        restarted_settled_rss_mb: settled_rss,
         restarted_leases,
         restarted_sample_ok: sample_ok,
     })

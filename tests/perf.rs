@@ -109,4 +109,5 @@ fn resources_reports_memory_and_a_restart_that_keeps_everything() {
     let ready = r["restart_ready_ms"].as_f64().unwrap();
     assert!(health > 0.0 && ready >= health, "{r}");
     assert!(r["restarted_rss_mb"].as_f64().unwrap() > 1.0, "{r}");
+    assert!(r["restarted_settled_rss_mb"].as_f64().unwrap() > 1.0, "{r}");
 }

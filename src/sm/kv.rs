@@ -75,13 +75,13 @@ impl Sm {
         );
         self.kv.insert(
             key.to_string(),
-            std::sync::Arc::new(KvEntry {
+            KvEntry {
                 value: value.to_string(),
                 version,
                 create_revision,
                 mod_revision: index,
                 lease_id,
-            }),
+            },
         );
         Response::KvPut {
             version,

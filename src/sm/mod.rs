@@ -30,7 +30,6 @@ mod semaphore;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -82,9 +81,11 @@ pub struct Sm {
     pub leases: BTreeMap<u64, Lease>,
     /// (deadline_ms, lease_id) of every live lease.
     lease_expiry: BTreeSet<(u64, u64)>,
-    /// Each entry behind an `Arc`: a copy-on-write chunk copy then costs reference counts, not
-    /// values (up to 512 KiB each).
-    pub kv: CowMap<String, Arc<KvEntry>>,
+    /// Copy-on-write (`cow.rs`): while a snapshot shares a chunk, the first write to it copies
+    /// the chunk's entries, values included. (Entries behind an `Arc` made that a copy of
+    /// reference counts, but a node restarted with 100 000 keys held 305-310 MB instead of
+    /// 262-297: docs/benchmarks.md.)
+    pub kv: CowMap<String, KvEntry>,
     pub locks: BTreeMap<String, Lock>,
     /// (deadline_ms, lock, lease_id) of every waiter.
     wait_expiry: BTreeSet<(u64, String, u64)>,
