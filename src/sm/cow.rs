@@ -107,7 +107,18 @@ impl<K: Ord + Clone, V: Clone> CowMap<K, V> {
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        self.get(key).is_some()
+        self.holding(key).is_some()
+    }
+
+    /// The chunk that holds `key`, if the map does: a write through it is found to be needed
+    /// before the chunk is copied.
+    fn holding<Q>(&self, key: &Q) -> Option<usize>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.locate(key)
+            .filter(|&i| self.chunks[i].contains_key(key))
     }
 
     /// A mutable reference to `key`'s value; copies its chunk first if a copy shares it.
@@ -116,10 +127,7 @@ impl<K: Ord + Clone, V: Clone> CowMap<K, V> {
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        let i = self.locate(key)?;
-        if !self.chunks[i].contains_key(key) {
-            return None;
-        }
+        let i = self.holding(key)?;
         Arc::make_mut(&mut self.chunks[i]).get_mut(key)
     }
 
@@ -153,19 +161,15 @@ impl<K: Ord + Clone, V: Clone> CowMap<K, V> {
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        let i = self.locate(key)?;
-        if !self.chunks[i].contains_key(key) {
-            return None;
-        }
+        let i = self.holding(key)?;
         let old = Arc::make_mut(&mut self.chunks[i]).remove(key);
-        self.after_removal(i, old.is_some());
+        self.after_removal(i);
         old
     }
 
-    fn after_removal(&mut self, i: usize, removed: bool) {
-        if removed {
-            self.len -= 1;
-        }
+    /// One entry left chunk `i`; an emptied chunk goes.
+    fn after_removal(&mut self, i: usize) {
+        self.len -= 1;
         if self.chunks[i].is_empty() {
             self.chunks.remove(i);
         }
@@ -177,9 +181,10 @@ impl<K: Ord + Clone, V: Clone> CowMap<K, V> {
 
     pub fn pop_first(&mut self) -> Option<(K, V)> {
         let first = self.chunks.first_mut()?;
-        let entry = Arc::make_mut(first).pop_first();
-        self.after_removal(0, entry.is_some());
-        entry
+        // Chunks are never empty: there is an entry.
+        let entry = Arc::make_mut(first).pop_first()?;
+        self.after_removal(0);
+        Some(entry)
     }
 
     pub fn iter(&self) -> Iter<'_, K, V> {
@@ -222,7 +227,7 @@ impl<K: Ord + Clone, V: Clone> CowMap<K, V> {
             Bound::Unbounded => 0,
         };
         let end = range.clone();
-        self.chunks[start.min(self.chunks.len())..]
+        self.chunks[start..]
             .iter()
             .take_while(move |c| match end.end_bound() {
                 Bound::Included(e) => first_key(c).borrow() <= e,
