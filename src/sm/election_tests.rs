@@ -819,18 +819,20 @@ impl Run {
                     }
                 }
                 self.seen.insert(name.to_string(), cur);
-                // FIFO: a candidate that took over passed nobody still in line.
-                let pre_line: Vec<u64> = pre
+                // FIFO: a candidate that took over passed nobody still in line. A candidate is
+                // its place in line, (lease, seq): one that left in this entry (its wait ended)
+                // and campaigned again in the same entry's command is behind, by a new seq.
+                let pre_line: Vec<(u64, u64)> = pre
                     .elections
                     .get(name)
-                    .map(|e| e.candidates.iter().map(|c| c.lease_id).collect())
+                    .map(|e| e.candidates.iter().map(|c| (c.lease_id, c.seq)).collect())
                     .unwrap_or_default();
-                match pre_line.iter().position(|l| *l == cur.0) {
+                match pre_line.iter().position(|l| l.0 == cur.0) {
                     Some(pos) if cur.1 == idx => {
                         for ahead in &pre_line[..pos] {
                             prop_assert!(
-                                !e.candidates.iter().any(|c| c.lease_id == *ahead),
-                                "{} elected ahead of {} still in line",
+                                !e.candidates.iter().any(|c| (c.lease_id, c.seq) == *ahead),
+                                "{} elected ahead of {:?} still in line",
                                 cur.0,
                                 ahead
                             );
