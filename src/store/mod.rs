@@ -5,7 +5,8 @@
 //!   before logs are deleted), `committed` (JSON).
 //! - `logs`: big-endian u64 index -> JSON-encoded `Entry`. Appends are one `WriteBatch`,
 //!   readable when `append` returns and acknowledged only after a WAL fsync; a single flusher
-//!   thread fsyncs once for every append that arrived meanwhile (group commit). The newest
+//!   thread writes the WAL buffer (`manual_wal_flush`) and fsyncs once for every append that
+//!   arrived meanwhile (group commit). The newest
 //!   entries are also kept decoded in memory (`entry_cache`), so that applying and replicating
 //!   what was just appended does not read it back from RocksDB and decode it again.
 //! - `snapshot`: `meta` (JSON `SnapshotMeta`) and `data` (JSON `SmState`), written together
@@ -46,6 +47,12 @@ pub fn open(dir: &Path) -> io::Result<(LogStore, StateMachineStore)> {
     // column family, two per family) let the log and the snapshot (one value of the whole
     // state) hold over 100 MiB between flushes; cap all memtables together instead.
     opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
+    // Writes go to RocksDB's WAL buffer in memory, not to the file: the fsync thread's
+    // `flush_wal(true)` writes the buffer and syncs it, once for every append that arrived
+    // meanwhile (so do `save_vote` and `purge`). Without this, each append was a `write` system
+    // call of its own (docs/benchmarks.md). Nothing is acknowledged before that sync, and a
+    // clean close writes the buffer out; a crash loses only what was never acknowledged.
+    opts.set_manual_wal_flush(true);
     let cfs = [CF_META, CF_LOGS, CF_SNAPSHOT].into_iter().map(|n| {
         let mut cf = Options::default();
         cf.set_write_buffer_size(match n {
