@@ -12,7 +12,7 @@ use openraft::alias::SnapshotOf;
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
-use rocksdb::{FlushOptions, WriteBatch, WriteOptions, DB};
+use rocksdb::{FlushOptions, ReadOptions, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
@@ -235,7 +235,11 @@ impl StateMachineStore {
         // Both keys from one point in time: a snapshot being stored meanwhile is all or nothing.
         let view = self.db.snapshot();
         let meta = view.get_cf(cf, "meta").map_err(io_err)?;
-        let data = view.get_cf(cf, "data").map_err(io_err)?;
+        // Not through RocksDB's block cache: the value is the whole state (tens of MB) in one
+        // block, read on start and to send it; cached, it stayed in memory for nothing.
+        let mut once = ReadOptions::default();
+        once.fill_cache(false);
+        let data = view.get_cf_opt(cf, "data", once).map_err(io_err)?;
         match (meta, data) {
             (Some(m), Some(d)) => {
                 let meta = serde_json::from_slice(&m).map_err(invalid_data)?;
@@ -510,6 +514,33 @@ mod tests {
         let (_log, sm) = super::super::open(dir.path()).unwrap();
         assert_eq!(stored(&sm), (30, 300));
         assert_eq!(sm.shared.read().sm.time_ms, 300, "loaded on open");
+    }
+
+    #[test]
+    fn a_loaded_snapshot_does_not_stay_in_the_block_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(openraft::testing::blank_ent::<TypeConfig>(1, 1, 7).log_id()),
+            last_membership: StoredMembership::default(),
+        };
+        // A valid state padded to 4 MB (JSON allows trailing white space).
+        let mut data = serde_json::to_vec(&SmState::default()).unwrap();
+        data.resize(4 << 20, b' ');
+        {
+            let (_log, sm) = super::super::open(dir.path()).unwrap();
+            assert!(sm.save_snapshot(&meta, &data).unwrap());
+        }
+        // Opening loads the snapshot; sending it reads it again.
+        let (_log, sm) = super::super::open(dir.path()).unwrap();
+        let (_, read) = sm.load_snapshot().unwrap().expect("a snapshot");
+        assert_eq!(read.len(), data.len());
+        let cf = sm.db.cf_handle(CF_SNAPSHOT).unwrap();
+        let cached = sm
+            .db
+            .property_int_value_cf(cf, "rocksdb.block-cache-usage")
+            .unwrap()
+            .expect("block cache usage");
+        assert!(cached < 1 << 20, "{cached} bytes of the snapshot cached");
     }
 
     #[cfg(target_os = "linux")]
