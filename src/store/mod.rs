@@ -6,9 +6,9 @@
 //! - `logs`: big-endian u64 index -> JSON-encoded `Entry`. Appends are one `WriteBatch`,
 //!   readable when `append` returns and acknowledged only after a WAL fsync; a single flusher
 //!   thread writes the WAL buffer (`manual_wal_flush`) and fsyncs once for every append that
-//!   arrived meanwhile (group commit). The newest
-//!   entries are also kept decoded in memory (`entry_cache`), so that applying and replicating
-//!   what was just appended does not read it back from RocksDB and decode it again.
+//!   arrived meanwhile (group commit). The newest entries are also kept decoded in memory
+//!   (`entry_cache`), so that applying and replicating what was just appended does not read it
+//!   back from RocksDB and decode it again.
 //! - `snapshot`: `meta` (JSON `SnapshotMeta`) and `data` (JSON `SmState`), written together
 //!   in one batch outside the write-ahead log, then flushed to a table file (synced). On start
 //!   the state machine is loaded from here and openraft replays the committed log after it.

@@ -484,13 +484,17 @@ mod tests {
     use super::*;
     use crate::sm::Event;
 
+    /// Snapshot meta up to log index `index`.
+    fn meta(index: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: Some(openraft::testing::blank_ent::<TypeConfig>(1, 1, index).log_id()),
+            last_membership: StoredMembership::default(),
+        }
+    }
+
     #[test]
     fn an_older_snapshot_does_not_replace_a_newer_one_and_both_keys_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = |index| SnapshotMeta {
-            last_log_id: Some(openraft::testing::blank_ent::<TypeConfig>(1, 1, index).log_id()),
-            last_membership: StoredMembership::default(),
-        };
         let state = |time_ms| {
             let mut st = SmState::default();
             st.sm.time_ms = time_ms;
@@ -519,16 +523,12 @@ mod tests {
     #[test]
     fn a_loaded_snapshot_does_not_stay_in_the_block_cache() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = SnapshotMeta {
-            last_log_id: Some(openraft::testing::blank_ent::<TypeConfig>(1, 1, 7).log_id()),
-            last_membership: StoredMembership::default(),
-        };
         // A valid state padded to 4 MB (JSON allows trailing white space).
         let mut data = serde_json::to_vec(&SmState::default()).unwrap();
         data.resize(4 << 20, b' ');
         {
             let (_log, sm) = super::super::open(dir.path()).unwrap();
-            assert!(sm.save_snapshot(&meta, &data).unwrap());
+            assert!(sm.save_snapshot(&meta(7), &data).unwrap());
         }
         // Opening loads the snapshot; sending it reads it again.
         let (_log, sm) = super::super::open(dir.path()).unwrap();
