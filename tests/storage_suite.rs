@@ -30,6 +30,21 @@ fn openraft_storage_suite() {
     });
 }
 
+/// Append a blank entry at `index` (term 1) and wait until it is acknowledged (fsynced).
+async fn append_blank(log: &mut LogStore, index: u64) {
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+    use openraft::type_config::TypeConfigExt;
+
+    let (tx, rx) = TypeConfig::oneshot();
+    let entry = openraft::testing::blank_ent::<TypeConfig>(1, 1, index);
+    log.append([entry], IOFlushed::signal(tx)).await.unwrap();
+    rx.await.unwrap().unwrap();
+}
+
+fn log_id(index: u64) -> concord::types::LogId {
+    openraft::testing::log_id::<TypeConfig>(1, 1, index)
+}
+
 /// Copy a directory tree as it is on disk now.
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -50,22 +65,13 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 /// entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_append_is_in_the_files_without_a_clean_close() {
-    use openraft::storage::{IOFlushed, RaftLogStorage};
-    use openraft::testing::blank_ent;
-    use openraft::type_config::TypeConfigExt;
+    use openraft::storage::RaftLogStorage;
     use openraft::RaftLogReader;
 
     let dir = TempDir::new().unwrap();
     let (mut log, _sm) = store::open(dir.path()).unwrap();
     for index in 1..=5u64 {
-        let (tx, rx) = TypeConfig::oneshot();
-        log.append(
-            [blank_ent::<TypeConfig>(1, 1, index)],
-            IOFlushed::signal(tx),
-        )
-        .await
-        .unwrap();
-        rx.await.unwrap().unwrap();
+        append_blank(&mut log, index).await;
     }
     let crashed = TempDir::new().unwrap();
     copy_dir(dir.path(), crashed.path());
@@ -79,4 +85,50 @@ async fn an_acknowledged_append_is_in_the_files_without_a_clean_close() {
     let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
     assert_eq!(indexes, [1, 2, 3, 4, 5]);
     drop(log);
+}
+
+/// The committed id is written with the next append's batch, not on its own (a write per
+/// commit advance): once that append is acknowledged, a crash (a copy of the open store's
+/// files) keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_committed_id_is_durable_with_the_next_acknowledged_append() {
+    use openraft::storage::RaftLogStorage;
+
+    let dir = TempDir::new().unwrap();
+    let (mut log, _sm) = store::open(dir.path()).unwrap();
+    for index in 1..=3 {
+        append_blank(&mut log, index).await;
+    }
+    log.save_committed(Some(log_id(2))).await.unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2)));
+    append_blank(&mut log, 4).await;
+    let crashed = TempDir::new().unwrap();
+    copy_dir(dir.path(), crashed.path());
+    let (mut reopened, _sm2) = store::open(crashed.path()).unwrap();
+    assert_eq!(reopened.read_committed().await.unwrap(), Some(log_id(2)));
+    drop(log);
+}
+
+/// A committed id saved after the last append is still written on a clean shutdown, whichever
+/// of the two stores closes RocksDB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_committed_id_survives_a_clean_close() {
+    use openraft::storage::RaftLogStorage;
+
+    let dir = TempDir::new().unwrap();
+    let (mut log, sm) = store::open(dir.path()).unwrap();
+    for index in 1..=3 {
+        append_blank(&mut log, index).await;
+    }
+    log.save_committed(Some(log_id(3))).await.unwrap();
+    drop(log); // the state machine store closes RocksDB
+    drop(sm);
+    let (mut log, sm) = store::open(dir.path()).unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(3)));
+    append_blank(&mut log, 4).await;
+    log.save_committed(Some(log_id(4))).await.unwrap();
+    drop(sm); // the log store closes RocksDB
+    drop(log);
+    let (mut log, _sm) = store::open(dir.path()).unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(4)));
 }

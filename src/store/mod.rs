@@ -2,7 +2,8 @@
 //!
 //! Key layout (one RocksDB instance per node, column families):
 //! - `meta`: `vote` (JSON, fsynced before `save_vote` returns), `last_purged` (JSON, written
-//!   before logs are deleted), `committed` (JSON).
+//!   before logs are deleted), `committed` (JSON; written with the next append, vote or purge,
+//!   or on close, not on each advance).
 //! - `logs`: big-endian u64 index -> JSON-encoded `Entry`. Appends are one `WriteBatch`,
 //!   readable when `append` returns and acknowledged only after a WAL fsync; a single flusher
 //!   thread writes the WAL buffer (`manual_wal_flush`) and fsyncs once for every append that
