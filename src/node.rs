@@ -98,7 +98,7 @@ impl Node {
             cmd,
         };
         let (index, response) = if self.current_leader() == Some(self.id) {
-            match self.raft.client_write(entry).await {
+            match self.raft.client_write(Arc::new(entry)).await {
                 Ok(r) => (r.log_id.index(), r.data),
                 Err(RaftError::APIError(e)) => return Err(propose::write_error(e).into()),
                 Err(RaftError::Fatal(e)) => {

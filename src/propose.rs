@@ -275,6 +275,7 @@ pub async fn write_many(node: &Node, mut entries: Vec<LogEntry>) -> Vec<Outcome>
         e.time_ms = now;
     }
     let mut out = Vec::with_capacity(n);
+    let entries = entries.into_iter().map(Arc::new);
     match node.raft.client_write_many(entries).await {
         Ok(mut stream) => {
             while let Some(r) = stream.next().await {

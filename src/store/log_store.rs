@@ -325,3 +325,46 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(io_err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use openraft::EntryPayload;
+
+    use super::*;
+    use crate::sm::{Command, LogEntry};
+
+    /// A `put` entry as the log stores it (JSON) and as it travels between nodes (bincode).
+    /// The stored form is pinned: logs written by earlier versions must still replay
+    /// (DESIGN rule 8), whatever the in-memory type (the shared `Arc` entry included).
+    #[test]
+    fn a_stored_entry_keeps_its_encoding() {
+        let stored = r#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":7},"payload":{"Normal":{"time_ms":1000,"request_id":"r-1","cmd":{"KvPut":{"key":"k","value":"v\"1","lease_id":null,"if_version":3,"if_absent":false,"fence":null}}}}}"#;
+        let entry: Entry = serde_json::from_str(stored).unwrap();
+        let EntryPayload::Normal(e) = &entry.payload else {
+            panic!("not a normal entry: {entry:?}");
+        };
+        let want = LogEntry {
+            time_ms: 1000,
+            request_id: Some("r-1".into()),
+            cmd: Command::KvPut {
+                key: "k".into(),
+                value: "v\"1".into(),
+                lease_id: None,
+                if_version: Some(3),
+                if_absent: false,
+                fence: None,
+            },
+        };
+        assert_eq!(**e, want);
+        assert_eq!(entry.log_id.index, 7);
+        assert_eq!(serde_json::to_string(&entry).unwrap(), stored);
+        // On the wire: the entry's fields in order, nothing for the `Arc`.
+        let wire = bincode::serialize(&entry).unwrap();
+        let plain = bincode::serialize(&(2u64, 1u64, 7u64, 1u32, &want)).unwrap();
+        assert_eq!(wire, plain);
+        let back: Entry = bincode::deserialize(&wire).unwrap();
+        assert_eq!(back.payload, EntryPayload::Normal(Arc::new(want)));
+    }
+}
