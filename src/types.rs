@@ -9,9 +9,9 @@ openraft::declare_raft_types!(
     ///
     /// The entry is shared (`Arc`): openraft clones every entry it reads from the log (the
     /// state machine worker on each node, and each replication stream on the leader), and
-    /// cloning the commands' strings (three allocations and copies per entry
-    /// and clone) was 1.3 % of the nodes' CPU under `put` (docs/benchmarks.md). `Arc<T>` is encoded exactly as `T` (serde's `rc` feature), so
-    /// the log and the wire format do not change.
+    /// cloning the commands' strings (three allocations and copies per entry and clone) was
+    /// 1.3 % of the nodes' CPU under `put` (docs/benchmarks.md). `Arc<T>` is encoded exactly
+    /// as `T` (serde's `rc` feature), so the log and the wire format do not change.
     pub TypeConfig:
         D = Arc<LogEntry>,
         R = Response,

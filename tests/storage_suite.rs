@@ -45,6 +45,14 @@ fn log_id(index: u64) -> concord::types::LogId {
     openraft::testing::log_id::<TypeConfig>(1, 1, index)
 }
 
+/// Open a copy of the store's files as they are on disk now: what a crash would leave.
+fn open_crashed_copy(dir: &TempDir) -> (TempDir, LogStore, StateMachineStore) {
+    let crashed = TempDir::new().unwrap();
+    copy_dir(dir.path(), crashed.path());
+    let (log, sm) = store::open(crashed.path()).unwrap();
+    (crashed, log, sm)
+}
+
 /// Copy a directory tree as it is on disk now.
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -73,9 +81,7 @@ async fn an_acknowledged_append_is_in_the_files_without_a_clean_close() {
     for index in 1..=5u64 {
         append_blank(&mut log, index).await;
     }
-    let crashed = TempDir::new().unwrap();
-    copy_dir(dir.path(), crashed.path());
-    let (mut reopened, _sm2) = store::open(crashed.path()).unwrap();
+    let (_crashed, mut reopened, _sm2) = open_crashed_copy(&dir);
     let entries = reopened
         .get_log_reader()
         .await
@@ -102,9 +108,7 @@ async fn a_saved_committed_id_is_durable_with_the_next_acknowledged_append() {
     log.save_committed(Some(log_id(2))).await.unwrap();
     assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2)));
     append_blank(&mut log, 4).await;
-    let crashed = TempDir::new().unwrap();
-    copy_dir(dir.path(), crashed.path());
-    let (mut reopened, _sm2) = store::open(crashed.path()).unwrap();
+    let (_crashed, mut reopened, _sm2) = open_crashed_copy(&dir);
     assert_eq!(reopened.read_committed().await.unwrap(), Some(log_id(2)));
     drop(log);
 }
