@@ -136,3 +136,60 @@ async fn the_last_committed_id_survives_a_clean_close() {
     let (mut log, _sm) = store::open(dir.path()).unwrap();
     assert_eq!(log.read_committed().await.unwrap(), Some(log_id(4)));
 }
+
+/// Every append's batch also writes the meta column family (the committed id), which is never
+/// flushed on its own; without a bound, RocksDB kept every WAL file up to its default total
+/// (some 130 MB here), and a restart read them all. The store bounds the WAL files to
+/// `MAX_WAL_BYTES` (the files still being written aside).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_ahead_log_files_stay_bounded_while_the_log_grows() {
+    use std::sync::Arc;
+
+    use concord::sm::{Command, LogEntry};
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+    use openraft::type_config::TypeConfigExt;
+
+    let dir = TempDir::new().unwrap();
+    let (mut log, _sm) = store::open(dir.path()).unwrap();
+    let value = "v".repeat(256 << 10);
+    // 120 MB of entries, under RocksDB's default bound, over twice the store's.
+    for index in 1..=480u64 {
+        let cmd = Command::KvPut {
+            key: format!("k{index}"),
+            value: value.clone(),
+            lease_id: None,
+            if_version: None,
+            if_absent: false,
+            fence: None,
+        };
+        let entry = LogEntry {
+            time_ms: index,
+            request_id: None,
+            cmd,
+        };
+        let entry = concord::types::Entry {
+            log_id: log_id(index),
+            payload: openraft::EntryPayload::Normal(Arc::new(entry)),
+        };
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append([entry], IOFlushed::signal(tx)).await.unwrap();
+        rx.await.unwrap().unwrap();
+        log.save_committed(Some(log_id(index))).await.unwrap();
+    }
+    let wal_bytes = || -> u64 {
+        std::fs::read_dir(dir.path().join("rocksdb"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    };
+    // Obsolete files are deleted after the flush that frees them, in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let limit = store::MAX_WAL_BYTES + (32 << 20);
+    while wal_bytes() > limit && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let held = wal_bytes();
+    assert!(held <= limit, "{held} bytes of WAL files, bound {limit}");
+}

@@ -38,6 +38,10 @@ pub(crate) const CF_SNAPSHOT: &str = "snapshot";
 /// Bytes of RocksDB memtables across all column families.
 const MEMTABLE_BUDGET: usize = 32 << 20;
 
+/// Bytes of write-ahead log files kept, at most, before RocksDB flushes whatever column family
+/// still holds the oldest one: three of the log family's memtables.
+pub const MAX_WAL_BYTES: u64 = 3 * (MEMTABLE_BUDGET as u64 / 2);
+
 /// Open (or create) the node's RocksDB and return both halves of the openraft storage.
 pub fn open(dir: &Path) -> io::Result<(LogStore, StateMachineStore)> {
     std::fs::create_dir_all(dir)?;
@@ -54,6 +58,13 @@ pub fn open(dir: &Path) -> io::Result<(LogStore, StateMachineStore)> {
     // call of its own (docs/benchmarks.md). Nothing is acknowledged before that sync, and a
     // clean close writes the buffer out; a crash loses only what was never acknowledged.
     opts.set_manual_wal_flush(true);
+    // A WAL file is deleted once every column family written in it has been flushed. Every
+    // append's batch also writes the meta family (the committed log id, `log_store.rs`), whose
+    // memtable hardly grows and so was never flushed on its own: WAL files piled up to
+    // RocksDB's default bound (four times the write buffers, some 130 MB), which a restart
+    // reads back whole (docs/benchmarks.md). Past this bound RocksDB flushes the meta family
+    // (a few bytes) and the old files go.
+    opts.set_max_total_wal_size(MAX_WAL_BYTES);
     let cfs = [CF_META, CF_LOGS, CF_SNAPSHOT].into_iter().map(|n| {
         let mut cf = Options::default();
         cf.set_write_buffer_size(match n {
