@@ -17,8 +17,10 @@
 # PAIRED=1 runs both clusters at once instead (old on 27701-27703, new on 27801-27803), each
 # loaded by its own generator with the same workload at the same time, so that both see the same
 # minute of a machine whose speed drifts: the ratio of CPU per op within one pair (`new/old`,
-# below 1 when the new binary spends less per op) is then the steadiest signal. Throughput in a
-# pair is not comparable with an unpaired run (the two clusters share the cores).
+# below 1 when the new binary spends less per op) is then the steadiest signal. The two clusters
+# are started once and serve every run and round (their state grows from run to run, alike for
+# both). Throughput in a pair is not comparable with an unpaired run (the two clusters share the
+# cores, and the one that answers faster gets more of the closed-loop load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: $0 OLD_BINARY NEW_BINARY" >&2; exit 2; }
@@ -40,7 +42,8 @@ stop() {
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   pids=()
 }
-trap stop EXIT INT TERM
+trap stop EXIT
+trap 'exit 130' INT TERM
 
 start() { # binary label port-prefix; the nodes' pids go to `cpids` as well as `pids`
   local i
@@ -67,16 +70,15 @@ bench() { # label node-pids workload clients round port-prefix
     --duration "$DURATION" --warmup "$WARMUP" --cpu-pids "$2" --json >"$f" 2>"$f.err" || true
 }
 
-report() { # round old.json [new.json]: one row per report, then the CPU ratio of a pair
+report() { # round label=report.json...: one row per report, then the CPU ratio of a pair
   python3 - "$@" <<'EOF'
 import json, sys
-r, files = sys.argv[1], sys.argv[2:]
+r, runs = sys.argv[1], [a.split("=", 1) for a in sys.argv[2:]]
 cpus = []
-for f, label in zip(files, ["old", "new"] if len(files) == 2 else [None]):
-    label = label or ("new" if "/new-" in f else "old")
+for label, f in runs:
     try:
         d = json.load(open(f))
-    except ValueError:
+    except (OSError, ValueError):
         print(f"round {r} {label:<3} {f}: no report (see {f}.err)")
         cpus.append(None)
         continue
@@ -103,8 +105,9 @@ if [ "$PAIRED" = 1 ]; then
       a=$!
       bench new "$new_pids" "$w" "$c" "$r" 278 &
       b=$!
+      pids+=("$a" "$b")
       wait "$a" "$b"
-      report "$r" "$OUT/old-$w-$c-$r.json" "$OUT/new-$w-$c-$r.json"
+      report "$r" "old=$OUT/old-$w-$c-$r.json" "new=$OUT/new-$w-$c-$r.json"
     done
   done
   exit 0
@@ -118,7 +121,7 @@ for r in $(seq 1 "$ROUNDS"); do
     for run in $RUNS; do
       w=${run%%:*} c=${run##*:}
       bench "$label" "$(IFS=,; echo "${cpids[*]}")" "$w" "$c" "$r" 277
-      report "$r" "$OUT/$label-$w-$c-$r.json"
+      report "$r" "$label=$OUT/$label-$w-$c-$r.json"
     done
     stop
   done

@@ -58,12 +58,14 @@ pub fn open(dir: &Path) -> io::Result<(LogStore, StateMachineStore)> {
     // call of its own (docs/benchmarks.md). Nothing is acknowledged before that sync, and a
     // clean close writes the buffer out; a crash loses only what was never acknowledged.
     opts.set_manual_wal_flush(true);
-    // A WAL file is deleted once every column family written in it has been flushed. Every
-    // append's batch also writes the meta family (the committed log id, `log_store.rs`), whose
-    // memtable hardly grows and so was never flushed on its own: WAL files piled up to
-    // RocksDB's default bound (four times the write buffers, some 130 MB), which a restart
-    // reads back whole (docs/benchmarks.md). Past this bound RocksDB flushes the meta family
-    // (a few bytes) and the old files go.
+    // A WAL file is deleted once every column family written in it has been flushed. An
+    // append's batch also writes the meta family whenever the commit advanced since the last
+    // one (the committed log id, `log_store.rs`: nearly every batch under load), and that
+    // memtable hardly grows, so it was never flushed on its own: WAL files piled up towards
+    // RocksDB's default bound (four times every family's write buffers, about 776 MiB here with
+    // the default family's 64 MiB ones), and a restart reads them all back
+    // (docs/benchmarks.md). Past this bound RocksDB flushes the meta family (a few bytes) and
+    // the old files go.
     opts.set_max_total_wal_size(MAX_WAL_BYTES);
     let cfs = [CF_META, CF_LOGS, CF_SNAPSHOT].into_iter().map(|n| {
         let mut cf = Options::default();
