@@ -35,6 +35,7 @@ OUT=${OUT:-data/bench-ab/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 
 eps() { echo "127.0.0.1:${1}01,127.0.0.1:${1}02,127.0.0.1:${1}03"; } # port prefix
+csv() { local IFS=,; echo "$*"; }
 
 pids=()
 stop() {
@@ -95,9 +96,9 @@ EOF
 exec > >(tee "$OUT/runs.txt")
 if [ "$PAIRED" = 1 ]; then
   start "${BINS[0]}" old 277
-  old_pids=$(IFS=,; echo "${cpids[*]}")
+  old_pids=$(csv "${cpids[@]}")
   start "${BINS[1]}" new 278
-  new_pids=$(IFS=,; echo "${cpids[*]}")
+  new_pids=$(csv "${cpids[@]}")
   for r in $(seq 1 "$ROUNDS"); do
     for run in $RUNS; do
       w=${run%%:*} c=${run##*:}
@@ -120,7 +121,7 @@ for r in $(seq 1 "$ROUNDS"); do
     start "${BINS[$b]}" "$label" 277
     for run in $RUNS; do
       w=${run%%:*} c=${run##*:}
-      bench "$label" "$(IFS=,; echo "${cpids[*]}")" "$w" "$c" "$r" 277
+      bench "$label" "$(csv "${cpids[@]}")" "$w" "$c" "$r" 277
       report "$r" "$label=$OUT/$label-$w-$c-$r.json"
     done
     stop

@@ -30,15 +30,19 @@ fn openraft_storage_suite() {
     });
 }
 
-/// Append a blank entry at `index` (term 1) and wait until it is acknowledged (fsynced).
-async fn append_blank(log: &mut LogStore, index: u64) {
+/// Append `entry` and wait until it is acknowledged (fsynced).
+async fn append_acked(log: &mut LogStore, entry: concord::types::Entry) {
     use openraft::storage::{IOFlushed, RaftLogStorage};
     use openraft::type_config::TypeConfigExt;
 
     let (tx, rx) = TypeConfig::oneshot();
-    let entry = openraft::testing::blank_ent::<TypeConfig>(1, 1, index);
     log.append([entry], IOFlushed::signal(tx)).await.unwrap();
     rx.await.unwrap().unwrap();
+}
+
+/// Append a blank entry at `index` (term 1) and wait until it is acknowledged.
+async fn append_blank(log: &mut LogStore, index: u64) {
+    append_acked(log, openraft::testing::blank_ent::<TypeConfig>(1, 1, index)).await;
 }
 
 fn log_id(index: u64) -> concord::types::LogId {
@@ -146,8 +150,7 @@ async fn the_write_ahead_log_files_stay_bounded_while_the_log_grows() {
     use std::sync::Arc;
 
     use concord::sm::{Command, LogEntry};
-    use openraft::storage::{IOFlushed, RaftLogStorage};
-    use openraft::type_config::TypeConfigExt;
+    use openraft::storage::RaftLogStorage;
 
     let dir = TempDir::new().unwrap();
     let (mut log, _sm) = store::open(dir.path()).unwrap();
@@ -171,9 +174,7 @@ async fn the_write_ahead_log_files_stay_bounded_while_the_log_grows() {
             log_id: log_id(index),
             payload: openraft::EntryPayload::Normal(Arc::new(entry)),
         };
-        let (tx, rx) = TypeConfig::oneshot();
-        log.append([entry], IOFlushed::signal(tx)).await.unwrap();
-        rx.await.unwrap().unwrap();
+        append_acked(&mut log, entry).await;
         log.save_committed(Some(log_id(index))).await.unwrap();
     }
     let wal_bytes = || -> u64 {
