@@ -217,8 +217,11 @@ impl RaftNetworkV2<TypeConfig> for Peer {
                 match raft_stream::open(&self.client, &self.addr, self.from, ttl).await? {
                     raft_stream::Opened::Stream(conn) => {
                         self.stats.opened.fetch_add(1, Ordering::Relaxed);
-                        let (faults, target) = (self.faults.clone(), self.target);
-                        return Ok(raft_stream::pipeline(conn, input, faults, target, ttl));
+                        let (faults, stats) = (self.faults.clone(), self.stats.clone());
+                        let target = self.target;
+                        return Ok(raft_stream::pipeline(
+                            conn, input, faults, stats, target, ttl,
+                        ));
                     }
                     raft_stream::Opened::Unsupported => {
                         tracing::info!(

@@ -98,6 +98,8 @@ async fn a_follower_batches_writes_for_the_leader_and_waiters_there_get_their_gr
         (n("forwarded_batches"), n("forwarded_entries"))
     };
     let (b0, e0) = counters(&cl.cluster().await.unwrap());
+    let sent = |v: &serde_json::Value| v["replication_requests"].as_u64().unwrap();
+    let r0 = sent(&c.client(leader).cluster().await.unwrap());
 
     let puts = (0..200).map(|i| {
         let cl = cl.clone();
@@ -129,7 +131,19 @@ async fn a_follower_batches_writes_for_the_leader_and_waiters_there_get_their_gr
         b1 - b0
     );
     // The leader forwarded nothing: it proposes its own.
-    assert_eq!(counters(&c.client(leader).cluster().await.unwrap()).1, 0);
+    let on_leader = c.client(leader).cluster().await.unwrap();
+    assert_eq!(counters(&on_leader).1, 0);
+    // It replicated the 200 entries to two followers in fewer requests than entries: several
+    // entries per request.
+    let requests = sent(&on_leader) - r0;
+    assert!(
+        (1..400).contains(&requests),
+        "200 entries went to 2 followers in {requests} requests"
+    );
+    assert!(
+        on_leader["replication_empty_requests"].as_u64().unwrap()
+            <= on_leader["replication_requests"].as_u64().unwrap()
+    );
 
     // Hand-off to an acquire that waits on the follower.
     let a = cl.lease_grant(60_000, Some("a")).await.unwrap();

@@ -239,6 +239,8 @@ async fn cluster_status(State(node): State<Arc<Node>>) -> HttpResponse {
         "replication_streams_opened": node.streams.opened.load(std::sync::atomic::Ordering::Relaxed),
         "replication_streams_accepted": node.streams.accepted.load(std::sync::atomic::Ordering::Relaxed),
         "replication_stream_fallbacks": node.streams.fallbacks.load(std::sync::atomic::Ordering::Relaxed),
+        "replication_requests": node.streams.requests.load(std::sync::atomic::Ordering::Relaxed),
+        "replication_empty_requests": node.streams.empty_requests.load(std::sync::atomic::Ordering::Relaxed),
     });
     Json(body).into_response()
 }
