@@ -10,14 +10,17 @@
 //! frames (4-byte big-endian length, then bincode): requests one way, answers the other, in
 //! order, on one TCP stream, so the follower sees them in the order sent.
 //!
-//! The leader keeps at most [`WINDOW`] entries in flight to each follower (one request always
-//! may go). openraft builds each request when it is asked for the next one, from everything
-//! written since the last, so holding back while the window is full makes the next request
-//! carry all that arrived meanwhile: under `put` with 64 clients a request carried about 5
-//! entries when each went out as soon as it was written, and 19 with the window; each request
-//! costs both nodes a frame, a Raft core round, a RocksDB write and an answer
-//! (docs/benchmarks.md). Requests of one or two
-//! entries (a lock handed from waiter to waiter) still go at once, several in flight, so
+//! The leader holds back while the follower has unanswered entries: it asks openraft for the
+//! next request only while fewer than [`WINDOW`] places are taken. openraft builds each request
+//! when asked, from everything written since the last one, so holding back makes the next
+//! request carry all that arrived meanwhile: under `put` with 64 clients a request carried
+//! about 5 entries when each went out as soon as it was written, and 19 with the window; each
+//! request costs both nodes a frame, a Raft core round, a RocksDB write and an answer
+//! (docs/benchmarks.md). A request takes a place per entry, as many as are free (at least one,
+//! so it never waits once asked for), and a request of [`FULL`] entries or more takes one place
+//! only: it already spreads its fixed costs, and a follower catching up (openraft sends up to
+//! 300 entries per request) or a long link keeps several requests in flight. Requests of an
+//! entry or two (a lock handed from waiter to waiter) go at once, several in flight, so
 //! latency-bound workloads keep their pipelining.
 //!
 //! Failures end the stream and openraft opens a new one: no answer at all for the RPC timeout
@@ -54,12 +57,13 @@ pub const PROTOCOL: &str = "concord-raft-stream/1";
 pub const PATH: &str = "/raft/stream";
 /// Largest frame accepted (a snapshot never travels here; a batch of entries is far smaller).
 const MAX_FRAME: usize = 1 << 30;
-/// Entries in flight to one follower before the leader waits for an answer to send more (a
-/// request with more entries than this still goes when nothing is in flight). Measured against
-/// no limit (docs/benchmarks.md): 1 cut CPU per op most but made lock hand-offs wait a round
-/// trip more (lock-contended -9 to -15 %); 4 and 8 cut the servers' CPU per op under `put`
-/// with 64 clients by 10-20 % with lock-contended unchanged; 32 by less.
+/// Places for unanswered entries per follower (see the module doc). Measured against no limit
+/// (docs/benchmarks.md): 1 cut CPU per op most but made lock hand-offs wait a round trip more
+/// (lock-contended -9 to -15 %); 4 and 8 cut the servers' CPU per op under `put` with 64
+/// clients by 10-20 % with lock-contended unchanged; 32 by less.
 pub const WINDOW: usize = 4;
+/// A request with this many entries takes one place of the window, whatever its size.
+pub const FULL: usize = 64;
 
 /// Counters for `/v1/cluster`.
 #[derive(Debug, Default)]
@@ -170,8 +174,9 @@ impl<T> Drop for AbortOnDrop<T> {
 
 struct Reader<IO> {
     rd: tokio::io::ReadHalf<IO>,
-    /// The window: the writer takes a permit per entry sent (one for an empty request), the
-    /// reader gives them back as the answers come.
+    /// The window: the writer takes permits for each request it sends (one per entry, as many
+    /// as are free, at least one; one for a request of [`FULL`] entries or more), the reader
+    /// gives them back as the answers come.
     window: Arc<Semaphore>,
     /// When each request was sent and how many permits it holds, in order: each answer is due
     /// `ttl` after its request.
@@ -184,8 +189,8 @@ struct Reader<IO> {
     progress: Instant,
 }
 
-/// The leader's side: send `input` over `conn` as openraft produces it, at most [`WINDOW`]
-/// entries ahead of the answers; answer in order.
+/// The leader's side: send `input` over `conn`, asking openraft for the next request only with
+/// a place free in the [`WINDOW`]; answer in order.
 pub fn pipeline<IO, S>(
     conn: IO,
     mut input: S,
@@ -222,11 +227,9 @@ where
             }
             // The other entries take what room is left, without waiting: this request goes now.
             // Only this task takes permits, so what is available stays available.
-            let more = req
-                .entries
-                .len()
-                .saturating_sub(1)
-                .min(permits.available_permits());
+            let n = req.entries.len();
+            let more =
+                if n >= FULL { 0 } else { n.saturating_sub(1) }.min(permits.available_permits());
             let held = 1 + more as u32;
             if more > 0 {
                 permits
@@ -456,14 +459,24 @@ mod tests {
         Some(req.entries[0].log_id.index)
     }
 
-    /// Small requests go at once, several in flight; once [`WINDOW`] entries are unanswered
-    /// the next request waits for an answer.
+    /// Small requests go at once, several in flight; once the [`WINDOW`] is taken, the next
+    /// request is not even asked for (openraft builds it when asked, from all that was written
+    /// by then) until an answer frees a place; a request of [`FULL`] entries takes one place.
     #[tokio::test]
     async fn the_leader_keeps_at_most_a_window_of_entries_in_flight() {
-        assert_eq!(WINDOW, 4, "the steps below fill a window of 4");
+        assert_eq!(
+            (WINDOW, FULL),
+            (4, 64),
+            "the steps below fill a window of 4"
+        );
         let (leader, follower) = tokio::io::duplex(1 << 20);
         let (mut frd, mut fwr) = tokio::io::split(follower);
         let (input, rx) = futures::channel::mpsc::unbounded();
+        let asked = Arc::new(AtomicU64::new(0));
+        let counted = asked.clone();
+        let rx = rx.inspect(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
         let stats = Arc::new(StreamStats::default());
         let faults = Arc::new(Faults::new(false));
         let ttl = Duration::from_secs(30);
@@ -477,31 +490,49 @@ mod tests {
         });
         let short = Duration::from_millis(300);
         let long = Duration::from_secs(10);
+        // The follower accepts everything up to `last`; the leader reads that answer.
+        let mut answer = async |last: u64| {
+            let ok: StreamAppendResult<TypeConfig> = Ok(Some(request(last, 1).entries[0].log_id));
+            write_frame(&mut fwr, &bincode::serialize(&ok).unwrap())
+                .await
+                .unwrap();
+            let read = tokio::time::timeout(long, answered.recv()).await;
+            assert_eq!(read.expect("answer read in time"), Some(last));
+        };
 
         // 1 + 2 entries: both requests go without an answer.
         input.unbounded_send(request(1, 1)).unwrap();
         input.unbounded_send(request(2, 2)).unwrap();
         assert_eq!(next_request(&mut frd, long).await, Some(1));
         assert_eq!(next_request(&mut frd, long).await, Some(2));
-        // One place left: a request of 3 still goes (nothing waits behind a large request).
+        // One place left: a request of 3 still goes, taking it (nothing waits once asked for).
         input.unbounded_send(request(4, 3)).unwrap();
         assert_eq!(next_request(&mut frd, long).await, Some(4));
-        // The window is full: the next request waits.
+        // The window is taken: the next request is neither sent nor asked for.
         input.unbounded_send(request(7, 1)).unwrap();
         assert_eq!(
             next_request(&mut frd, short).await,
             None,
             "sent with a full window"
         );
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            3,
+            "asked for with a full window"
+        );
 
         // The answer to the first request frees its place.
-        let ok: StreamAppendResult<TypeConfig> = Ok(Some(request(1, 1).entries[0].log_id));
-        write_frame(&mut fwr, &bincode::serialize(&ok).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(answered.recv().await, Some(1));
+        answer(1).await;
         assert_eq!(next_request(&mut frd, long).await, Some(7));
-        assert_eq!(stats.requests.load(Ordering::Relaxed), 4);
+        // Answers to the second and third: one place taken (7), three free. A full request
+        // takes one of them, so a small one still goes after it.
+        answer(3).await;
+        answer(6).await;
+        input.unbounded_send(request(8, FULL as u64)).unwrap();
+        input.unbounded_send(request(8 + FULL as u64, 1)).unwrap();
+        assert_eq!(next_request(&mut frd, long).await, Some(8));
+        assert_eq!(next_request(&mut frd, long).await, Some(8 + FULL as u64));
+        assert_eq!(stats.requests.load(Ordering::Relaxed), 6);
     }
 
     #[tokio::test]
