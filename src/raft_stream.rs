@@ -435,13 +435,7 @@ mod tests {
     /// `n` blank entries from index `first` on, as the leader would send them.
     fn request(first: u64, n: u64) -> AppendEntriesRequest<TypeConfig> {
         let entries = (first..first + n)
-            .map(|i| {
-                let e = serde_json::json!({
-                    "log_id": {"leader_id": {"term": 1, "node_id": 1}, "index": i},
-                    "payload": "Blank",
-                });
-                serde_json::from_value(e).unwrap()
-            })
+            .map(|i| openraft::testing::blank_ent::<TypeConfig>(1, 1, i))
             .collect();
         AppendEntriesRequest {
             vote: crate::types::Vote::new_committed(1, 1),
@@ -492,7 +486,8 @@ mod tests {
         let long = Duration::from_secs(10);
         // The follower accepts everything up to `last`; the leader reads that answer.
         let mut answer = async |last: u64| {
-            let ok: StreamAppendResult<TypeConfig> = Ok(Some(request(last, 1).entries[0].log_id));
+            let ok: StreamAppendResult<TypeConfig> =
+                Ok(Some(openraft::testing::log_id::<TypeConfig>(1, 1, last)));
             write_frame(&mut fwr, &bincode::serialize(&ok).unwrap())
                 .await
                 .unwrap();

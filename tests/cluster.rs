@@ -133,8 +133,8 @@ async fn a_follower_batches_writes_for_the_leader_and_waiters_there_get_their_gr
     // The leader forwarded nothing: it proposes its own.
     let on_leader = c.client(leader).cluster().await.unwrap();
     assert_eq!(counters(&on_leader).1, 0);
-    // It replicated the 200 entries to two followers in fewer requests than entries: several
-    // entries per request.
+    // It replicated the 200 entries to two followers in fewer requests than one per entry and
+    // follower: more than one entry per request on average.
     let requests = sent(&on_leader) - r0;
     assert!(
         (1..400).contains(&requests),
