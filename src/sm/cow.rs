@@ -17,15 +17,10 @@
 //! The chunking is not part of the value: two maps are equal, print and serialize the same
 //! when they hold the same entries, however their chunks fell (a node that loaded a snapshot
 //! and one that applied the entries have different chunk boundaries).
-//!
-//! [`CowHashMap`] is the same idea for a hash map, in a fixed number of shards by key hash:
-//! the request-id table's id index, which nothing iterates. Copying it whole under the lock
-//! took 7 to 120 ms for 200 000 ids (each id's reference count is a cache miss).
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher, Hash};
 use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
@@ -379,129 +374,6 @@ where
     }
 }
 
-/// Shards of a [`CowHashMap`].
-pub const SHARDS: usize = 64;
-
-/// A hash map in [`SHARDS`] copy-on-write shards. Not iterable (its order would depend on the
-/// hashes); equal when it holds the same entries.
-#[derive(Clone)]
-pub struct CowHashMap<K, V> {
-    /// Empty until the first insert, then `SHARDS` maps.
-    shards: Vec<Arc<HashMap<K, V>>>,
-    len: usize,
-}
-
-impl<K, V> Default for CowHashMap<K, V> {
-    fn default() -> Self {
-        CowHashMap {
-            shards: Vec::new(),
-            len: 0,
-        }
-    }
-}
-
-/// The shard of a key: a fixed hash, so a key's shard is the same everywhere. Each shard's
-/// own map hashes with a random key, so crafted keys can unbalance the shards (making a copy
-/// coarser) but not a shard's map.
-fn shard_of<Q: Hash + ?Sized>(key: &Q) -> usize {
-    (BuildHasherDefault::<DefaultHasher>::default().hash_one(key) % SHARDS as u64) as usize
-}
-
-impl<K: Hash + Eq + Clone, V: Clone> CowHashMap<K, V> {
-    pub fn with_capacity(n: usize) -> Self {
-        CowHashMap {
-            shards: (0..SHARDS)
-                .map(|_| Arc::new(HashMap::with_capacity(n / SHARDS)))
-                .collect(),
-            len: 0,
-        }
-    }
-
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    fn shard<Q>(&self, key: &Q) -> Option<&HashMap<K, V>>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.shards.get(shard_of(key)).map(|s| &**s)
-    }
-
-    pub fn get_key_value<Q>(&self, key: &Q) -> Option<(&K, &V)>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.shard(key)?.get_key_value(key)
-    }
-
-    pub fn get<Q>(&self, key: &Q) -> Option<&V>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.shard(key)?.get(key)
-    }
-
-    pub fn contains_key<Q>(&self, key: &Q) -> bool
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.get(key).is_some()
-    }
-
-    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
-        if self.shards.is_empty() {
-            *self = CowHashMap::with_capacity(0);
-        }
-        let old = Arc::make_mut(&mut self.shards[shard_of(&key)]).insert(key, value);
-        if old.is_none() {
-            self.len += 1;
-        }
-        old
-    }
-
-    pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        if !self.contains_key(key) {
-            return None; // nothing copied
-        }
-        let old = Arc::make_mut(&mut self.shards[shard_of(key)]).remove(key);
-        self.len -= 1;
-        old
-    }
-
-    fn entries(&self) -> impl Iterator<Item = (&K, &V)> + '_ {
-        self.shards.iter().flat_map(|s| s.iter())
-    }
-
-    #[cfg(test)]
-    fn shares_shard_with(&self, other: &Self, i: usize) -> bool {
-        Arc::ptr_eq(&self.shards[i], &other.shards[i])
-    }
-}
-
-impl<K: Hash + Eq + Clone, V: Clone + PartialEq> PartialEq for CowHashMap<K, V> {
-    fn eq(&self, other: &Self) -> bool {
-        self.len == other.len && self.entries().all(|(k, v)| other.get(k) == Some(v))
-    }
-}
-
-impl<K: Hash + Eq + Clone, V: Clone + Eq> Eq for CowHashMap<K, V> {}
-
-impl<K: Hash + Eq + Clone + fmt::Debug, V: Clone + fmt::Debug> fmt::Debug for CowHashMap<K, V> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.entries()).finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,36 +443,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_hash_map_copy_shares_every_shard_until_a_write_copies_one() {
-        let mut a = CowHashMap::default();
-        for i in 0..10_000u32 {
-            a.insert(i, i);
-        }
-        let b = a.clone();
-        assert!((0..SHARDS).all(|i| a.shares_shard_with(&b, i)));
-        assert_eq!(a.remove(&77), Some(77));
-        assert_eq!(a.remove(&77), None);
-        let copied = (0..SHARDS).filter(|&i| !a.shares_shard_with(&b, i)).count();
-        assert_eq!(copied, 1);
-        assert_eq!(a.insert(5, 50), Some(5));
-        assert_eq!((a.len(), b.len()), (9_999, 10_000));
-        assert_eq!(
-            (a.get(&5), b.get(&5), b.get(&77)),
-            (Some(&50), Some(&5), Some(&77))
-        );
-        assert_ne!(a, b);
-        let mut c = b.clone();
-        c.insert(5, 50);
-        c.remove(&77);
-        assert_eq!(a, c);
-        assert_eq!(
-            CowHashMap::<u32, u32>::default(),
-            CowHashMap::with_capacity(100)
-        );
-        assert_eq!(CowHashMap::<u32, u32>::default().get(&1), None);
-    }
-
     #[derive(Debug, Clone)]
     enum Op {
         Insert(u16, u8),
@@ -620,7 +462,7 @@ mod tests {
         ]
     }
 
-    type Copies = (CowMap<u16, u8>, CowHashMap<u16, u8>, BTreeMap<u16, u8>);
+    type Copies = (CowMap<u16, u8>, BTreeMap<u16, u8>);
 
     proptest! {
         /// Against a BTreeMap: every operation answers the same, copies keep the contents
@@ -632,40 +474,28 @@ mod tests {
         ) {
             let mut m = CowMap::new();
             let mut model = BTreeMap::new();
-            let mut h = CowHashMap::default();
             let mut copies: Vec<Copies> = Vec::new();
             for op in ops {
                 match op {
                     Op::Insert(k, v) => {
-                        prop_assert_eq!(h.insert(k, v), model.get(&k).copied());
                         prop_assert_eq!(m.insert(k, v), model.insert(k, v));
                     }
                     Op::Remove(k) => {
-                        prop_assert_eq!(h.remove(&k), model.get(&k).copied());
                         prop_assert_eq!(m.remove(&k), model.remove(&k));
                     }
                     Op::Set(k, v) => {
                         let a = m.get_mut(&k).map(|x| { *x = v; });
                         let b = model.get_mut(&k).map(|x| { *x = v; });
                         prop_assert_eq!(a, b);
-                        if b.is_some() {
-                            h.insert(k, v);
-                        }
                     }
                     Op::PopFirst => {
-                        let first = model.pop_first();
-                        if let Some((k, _)) = first {
-                            h.remove(&k);
-                        }
-                        prop_assert_eq!(m.pop_first(), first);
+                        prop_assert_eq!(m.pop_first(), model.pop_first());
                     }
-                    Op::Copy => copies.push((m.clone(), h.clone(), model.clone())),
+                    Op::Copy => copies.push((m.clone(), model.clone())),
                 }
                 prop_assert_eq!(m.len(), model.len());
-                prop_assert_eq!(h.len(), model.len());
                 prop_assert_eq!(m.first_key_value(), model.first_key_value());
             }
-            prop_assert!(model.iter().all(|(k, v)| h.get_key_value(k) == Some((k, v))));
             prop_assert!(m.iter().eq(model.iter()));
             for k in [lo, hi, 0, 399] {
                 prop_assert_eq!(m.get(&k), model.get(&k));
@@ -676,11 +506,9 @@ mod tests {
             prop_assert!(m.range((Bound::Excluded(lo), Bound::Unbounded))
                 .eq(model.range((Bound::Excluded(lo), Bound::Unbounded))));
             prop_assert!(m.range(..hi).eq(model.range(..hi)));
-            for (copy, hash_copy, then) in &copies {
+            for (copy, then) in &copies {
                 prop_assert!(copy.iter().eq(then.iter()));
                 prop_assert_eq!(copy.len(), then.len());
-                prop_assert_eq!(hash_copy.len(), then.len());
-                prop_assert!(then.iter().all(|(k, v)| hash_copy.get(k) == Some(v)));
             }
             // Chunks stay non-empty, ordered and bounded.
             for w in m.chunks.windows(2) {

@@ -3,29 +3,34 @@
 //! Two indexes of the same entries. The time index, keyed by (time, id), holds the answers and
 //! gives the order in which ids are forgotten, oldest first; it is what a snapshot holds, as
 //! a map from id to `{time_ms, response}` in (time, id) order. The id index maps each id to
-//! its answer time, for the lookup on every apply; loading a snapshot rebuilds it. (Snapshots
-//! once held a separate (time, id) list too, a third of a write-heavy node's snapshot; its
-//! `dedup_by_time` field is ignored on load.) The (time, id) order is canonical, so a node
-//! that applied the entries and a node that loaded a snapshot forget the same ids in the same
-//! order.
+//! its answer time, for the lookup on every apply; it is derived from the time index and is
+//! not part of the value (snapshots, equality). (Snapshots once held a separate (time, id)
+//! list too, a third of a write-heavy node's snapshot; its `dedup_by_time` field is ignored on
+//! load.) The (time, id) order is canonical, so a node that applied the entries and a node
+//! that loaded a snapshot forget the same ids in the same order.
 //!
-//! The id index is a hash map: every apply of a request with an id looks it up, inserts it and
-//! forgets the oldest, and in an ordered map of up to [`super::DEDUP_MAX_IDS`] strings each of
-//! those was a walk of some 40 string comparisons through cold memory (`memcmp` and B-tree
-//! code were about 5 % of the machine under `put`, docs/benchmarks.md). The time index's keys
-//! compare by time first (new ids go to its end). Nothing iterates the hash map, so no order
-//! depends on the hash. Both indexes share each id's one allocation.
+//! The id index is a plain hash map with a random key (a client picks the ids, so a fixed
+//! hash could be flooded): every apply of a request with an id looks it up, inserts it and
+//! forgets the oldest, one hash each. Nothing iterates it, so no order depends on the hash.
+//! Both indexes share each id's one allocation.
 //!
-//! Both indexes are copy-on-write maps (`cow.rs`): a snapshot's copy of the state shares them,
-//! and the apply task, which inserts at the time index's end and forgets from its start,
-//! copies only the chunks and shards it touches while the snapshot is being encoded.
+//! The time index is a copy-on-write map (`cow.rs`): a snapshot's copy of the state shares its
+//! chunks, and the apply task, which inserts at its end and forgets from its start, copies
+//! only the chunks it touches while the snapshot is being encoded. The id index is not copied
+//! at all: a copy of the table starts without one and builds it from its time index if it is
+//! ever looked up in (a snapshot's copy is only encoded, which reads the time index alone).
+//! It used to be a copy-on-write hash map in 64 shards: after every snapshot each shard was
+//! copied whole by the first write to it (the whole index, 200 000 ids, on every node every
+//! 100 000 entries), and each lookup hashed the id twice (shard, then map). Under put with 256
+//! clients that table was 6 % of the leader's CPU and 10 % of a follower's
+//! (docs/benchmarks.md).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::cow::{CowHashMap, CowMap};
+use super::cow::CowMap;
 use super::Response;
 
 /// The first answer to a request id, and when it was given (log time).
@@ -35,34 +40,79 @@ pub(super) struct Dedup {
     pub response: Response,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub(super) struct RequestIds {
-    /// Each id's answer time: with the id, the key of its entry in `by_time`.
-    by_id: CowHashMap<Arc<str>, u64>,
+    /// Each id's answer time: with the id, the key of its entry in `by_time`. Built from
+    /// `by_time` when first needed (see [`IdIndex`]).
+    by_id: IdIndex,
     by_time: CowMap<(u64, Arc<str>), Dedup>,
 }
 
+type IdMap = HashMap<Arc<str>, u64>;
+
+/// The id index, or nothing yet: a copy starts with nothing and builds it from the time index
+/// on its first lookup.
+#[derive(Debug, Default)]
+struct IdIndex(OnceLock<IdMap>);
+
+/// A copy shares the time index's chunks and leaves the id index behind (see the module doc).
+impl Clone for RequestIds {
+    fn clone(&self) -> Self {
+        RequestIds {
+            by_id: IdIndex::default(),
+            by_time: self.by_time.clone(),
+        }
+    }
+}
+
+/// The id index follows from the time index.
+impl PartialEq for RequestIds {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_time == other.by_time
+    }
+}
+
+impl Eq for RequestIds {}
+
+fn index_of(by_time: &CowMap<(u64, Arc<str>), Dedup>) -> IdMap {
+    let mut ids = HashMap::with_capacity(by_time.len());
+    for (time, id) in by_time.keys() {
+        ids.insert(id.clone(), *time);
+    }
+    ids
+}
+
 impl RequestIds {
+    /// The id index, built first if this table is a copy that has none yet.
+    fn ids(&self) -> &IdMap {
+        self.by_id.0.get_or_init(|| index_of(&self.by_time))
+    }
+
+    fn ids_mut(&mut self) -> &mut IdMap {
+        self.ids();
+        self.by_id.0.get_mut().expect("the id index was just built")
+    }
+
     pub fn get(&self, id: &str) -> Option<&Dedup> {
         self.by_time.get(&self.time_key(id)?)
     }
 
     /// The key of `id`'s entry in the time index.
     fn time_key(&self, id: &str) -> Option<(u64, Arc<str>)> {
-        let (id, time) = self.by_id.get_key_value(id)?;
+        let (id, time) = self.ids().get_key_value(id)?;
         Some((*time, id.clone()))
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.by_id.len()
+        self.by_time.len()
     }
 
     /// Remember the first answer to `id` (`Sm::apply` only calls this for an id that is not
     /// in the table; one that is would replace its answer and time).
     pub fn insert(&mut self, id: &str, time_ms: u64, response: Response) {
         let id: Arc<str> = Arc::from(id);
-        if let Some(old) = self.by_id.insert(id.clone(), time_ms) {
+        if let Some(old) = self.ids_mut().insert(id.clone(), time_ms) {
             self.by_time.remove(&(old, id.clone()));
         }
         self.by_time
@@ -77,7 +127,7 @@ impl RequestIds {
                 break;
             }
             if let Some(((_, id), _)) = self.by_time.pop_first() {
-                self.by_id.remove(&id);
+                self.ids_mut().remove(&id);
             }
         }
     }
@@ -96,7 +146,7 @@ impl RequestIds {
 
     #[cfg(test)]
     pub fn contains_key(&self, id: &str) -> bool {
-        self.by_id.contains_key(id)
+        self.ids().contains_key(id)
     }
 }
 
@@ -121,15 +171,12 @@ impl Serialize for RequestIds {
 impl<'de> Deserialize<'de> for RequestIds {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RequestIds, D::Error> {
         let entries = HashMap::<String, Dedup>::deserialize(d)?;
-        let mut by_id = CowHashMap::with_capacity(entries.len());
-        let by_time = entries
+        let by_time: CowMap<_, _> = entries
             .into_iter()
-            .map(|(id, e)| {
-                let id: Arc<str> = Arc::from(id);
-                by_id.insert(id.clone(), e.time_ms);
-                ((e.time_ms, id), e)
-            })
+            .map(|(id, e)| ((e.time_ms, Arc::from(id)), e))
             .collect();
+        // Built now, on the load, not by the first apply after it.
+        let by_id = IdIndex(OnceLock::from(index_of(&by_time)));
         Ok(RequestIds { by_id, by_time })
     }
 }
@@ -166,6 +213,35 @@ mod tests {
         let text = serde_json::to_string(&t).unwrap();
         let at = |id: &str| text.find(&format!("\"{id}\"")).unwrap();
         assert!(at("b") < at("c") && at("c") < at("a"), "{text}");
+    }
+
+    #[test]
+    fn a_copy_builds_its_id_index_from_the_time_index_when_first_looked_up() {
+        let mut t = table(&[("b", 5), ("a", 7), ("c", 5)]);
+        let mut copy = t.clone();
+        assert!(copy.by_id.0.get().is_none());
+        // Encoding (a snapshot) reads the time index alone.
+        let json = serde_json::to_string(&copy).unwrap();
+        assert!(copy.by_id.0.get().is_none());
+        assert_eq!(json, serde_json::to_string(&t).unwrap());
+        // The original goes on; the copy keeps what it had.
+        t.insert("d", 9, Response::Done);
+        t.forget(10, 100, 3);
+        assert!(!t.contains_key("b"));
+        assert_eq!(copy.get("b").map(|d| d.time_ms), Some(5));
+        assert!(copy.by_id.0.get().is_some());
+        assert!(copy.get("d").is_none());
+        // The copy, applied to alike, ends up equal, index and all.
+        copy.insert("d", 9, Response::Done);
+        copy.forget(10, 100, 3);
+        assert_eq!(copy, t);
+        assert_eq!(copy.ids(), t.ids());
+        assert_eq!(copy.ids().len(), 3);
+        // A copy that is only written to builds its index on the first write.
+        let mut other = t.clone();
+        other.forget(10, 100, 2);
+        assert_eq!(other.ids().len(), 2);
+        assert!(!other.contains_key("c") && other.contains_key("a"));
     }
 
     #[test]
