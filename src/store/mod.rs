@@ -10,9 +10,15 @@
 //!   arrived meanwhile (group commit). The newest entries are also kept decoded in memory
 //!   (`entry_cache`), so that applying and replicating what was just appended does not read it
 //!   back from RocksDB and decode it again.
-//! - `snapshot`: `meta` (JSON `SnapshotMeta`) and `data` (JSON `SmState`), written together
-//!   in one batch outside the write-ahead log, then flushed to a table file (synced). On start
-//!   the state machine is loaded from here and openraft replays the committed log after it.
+//! - `snapshot`: where versions before the snapshot file kept the snapshot (`meta` and `data`,
+//!   JSON). Read on start if it is newer than the file (or there is no file yet); deleted when
+//!   a newer snapshot file is written.
+//!
+//! The snapshot itself is a file in the data directory, `snapshot` (next to `rocksdb/`): a
+//! header line, the `SnapshotMeta` as JSON on one line, then the `SmState` as JSON. It is
+//! written to `snapshot.tmp`, synced, renamed over the old one and the directory synced, so a
+//! crash leaves one or the other whole. On start the state machine is loaded from it and
+//! openraft replays the committed log after it.
 //!
 //! The on-disk format is JSON so that `#[serde(default)]` fields keep old logs readable.
 
@@ -70,8 +76,7 @@ pub fn open(dir: &Path) -> io::Result<(LogStore, StateMachineStore)> {
     let cfs = [CF_META, CF_LOGS, CF_SNAPSHOT].into_iter().map(|n| {
         let mut cf = Options::default();
         cf.set_write_buffer_size(match n {
-            // A snapshot is written whole and read back only on restart or to send it: flush
-            // it at once.
+            // Only deletions of an earlier version's snapshot are written here now.
             CF_SNAPSHOT => 1 << 20,
             _ => MEMTABLE_BUDGET / 2,
         });
@@ -79,7 +84,7 @@ pub fn open(dir: &Path) -> io::Result<(LogStore, StateMachineStore)> {
     });
     let db = DB::open_cf_descriptors(&opts, dir.join("rocksdb"), cfs).map_err(io_err)?;
     let db = Arc::new(db);
-    let sm = StateMachineStore::open(db.clone())?;
+    let sm = StateMachineStore::open(db.clone(), dir)?;
     Ok((LogStore::new(db), sm))
 }
 

@@ -2,7 +2,9 @@
 //! answers the waiting client, and persists snapshots.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, Cursor};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Cursor, Read, Write};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Duration;
@@ -12,7 +14,7 @@ use openraft::alias::SnapshotOf;
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
-use rocksdb::{FlushOptions, ReadOptions, WriteBatch, WriteOptions, DB};
+use rocksdb::{ReadOptions, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
@@ -203,10 +205,19 @@ fn touched_leases(events: &[crate::sm::Event], out: &mut Vec<u64>) -> bool {
 pub struct StateMachineStore {
     pub shared: Arc<SmShared>,
     db: Arc<DB>,
+    /// The node's data directory: the snapshot file lives here, next to `rocksdb/`.
+    dir: Arc<Path>,
 }
 
+/// The snapshot file, in the data directory: [`SNAPSHOT_HEADER`], the [`SnapshotMeta`] as
+/// JSON on one line, then the state ([`SmState`]) as JSON to the end.
+const SNAPSHOT_FILE: &str = "snapshot";
+/// Where the next snapshot file is written before it is renamed over the current one.
+const SNAPSHOT_TMP: &str = "snapshot.tmp";
+const SNAPSHOT_HEADER: &[u8] = b"concord snapshot 1\n";
+
 impl StateMachineStore {
-    pub(super) fn open(db: Arc<DB>) -> io::Result<StateMachineStore> {
+    pub(super) fn open(db: Arc<DB>, dir: &Path) -> io::Result<StateMachineStore> {
         let (tx, _) = watch::channel(0);
         let store = StateMachineStore {
             shared: Arc::new(SmShared {
@@ -219,6 +230,7 @@ impl StateMachineStore {
                 snapshot_save: Mutex::new(()),
             }),
             db,
+            dir: Arc::from(dir),
         };
         if let Some((_, data)) = store.load_snapshot()? {
             let st: SmState = serde_json::from_slice(&data).map_err(invalid_data)?;
@@ -227,16 +239,27 @@ impl StateMachineStore {
         Ok(store)
     }
 
+    /// The newest stored snapshot: the file, or one that an earlier version kept in RocksDB's
+    /// snapshot column family, whichever covers more of the log.
     fn load_snapshot(&self) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
+        let file = read_snapshot_file(&self.dir.join(SNAPSHOT_FILE))?;
+        let legacy = self.load_legacy_snapshot()?;
+        Ok(match (file, legacy) {
+            (Some(f), Some(l)) if index(&l.0) > index(&f.0) => Some(l),
+            (Some(f), _) => Some(f),
+            (None, l) => l,
+        })
+    }
+
+    /// A snapshot stored by a version before the snapshot file (both keys of the `snapshot`
+    /// column family, written together).
+    fn load_legacy_snapshot(&self) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
         let cf = self
             .db
             .cf_handle(CF_SNAPSHOT)
             .expect("snapshot column family");
-        // Both keys from one point in time: a snapshot being stored meanwhile is all or nothing.
         let view = self.db.snapshot();
         let meta = view.get_cf(cf, "meta").map_err(io_err)?;
-        // Not through RocksDB's block cache: the value is the whole state (tens of MB) in one
-        // block, read on start and to send it; cached, it stayed in memory for nothing.
         let mut once = ReadOptions::default();
         once.fill_cache(false);
         let data = view.get_cf_opt(cf, "data", once).map_err(io_err)?;
@@ -249,41 +272,96 @@ impl StateMachineStore {
         }
     }
 
+    /// The log index the stored snapshot covers, without reading its state.
+    fn stored_index(&self) -> io::Result<Option<u64>> {
+        let file = match File::open(self.dir.join(SNAPSHOT_FILE)) {
+            Ok(f) => index(&read_snapshot_meta(&mut BufReader::new(f))?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let cf = self
+            .db
+            .cf_handle(CF_SNAPSHOT)
+            .expect("snapshot column family");
+        let legacy = match self.db.get_cf(cf, "meta").map_err(io_err)? {
+            Some(m) => index(&serde_json::from_slice(&m).map_err(invalid_data)?),
+            None => None,
+        };
+        Ok(file.max(legacy))
+    }
+
     /// Store a snapshot unless a newer one is stored already (`false` then).
+    ///
+    /// A file of its own, written beside and then renamed over the current one, both synced:
+    /// a crash leaves the old snapshot or the new one, whole, and openraft purges the log a
+    /// snapshot covers only after this returns. It used to be a value in RocksDB (written
+    /// outside the write-ahead log, then flushed to a table file): every snapshot, 24 MB under
+    /// put load, was copied into a memtable, written out as a table file with a checksum over
+    /// it, and copied again by the compactions that dropped the old ones, on every node every
+    /// 100 000 entries (docs/benchmarks.md).
     fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<bool> {
         let _one_at_a_time = self
             .shared
             .snapshot_save
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        if self.stored_index()? > index(meta) {
+            return Ok(false);
+        }
+        let tmp = self.dir.join(SNAPSHOT_TMP);
+        let mut f = File::create(&tmp)?;
+        f.write_all(SNAPSHOT_HEADER)?;
+        serde_json::to_writer(&mut f, meta).map_err(invalid_data)?;
+        f.write_all(b"\n")?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE))?;
+        File::open(&self.dir)?.sync_all()?;
+        // A snapshot an earlier version left in RocksDB is older than this one now: let it go.
         let cf = self
             .db
             .cf_handle(CF_SNAPSHOT)
             .expect("snapshot column family");
-        if let Some(stored) = self.db.get_cf(cf, "meta").map_err(io_err)? {
-            let stored: SnapshotMeta = serde_json::from_slice(&stored).map_err(invalid_data)?;
-            let index = |m: &SnapshotMeta| m.last_log_id.map(|l| l.index());
-            if index(&stored) > index(meta) {
-                return Ok(false);
-            }
+        if self.db.get_pinned_cf(cf, "meta").map_err(io_err)?.is_some() {
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(cf, "meta");
+            batch.delete_cf(cf, "data");
+            self.db.write(batch).map_err(io_err)?;
         }
-        let mut batch = WriteBatch::default();
-        batch.put_cf(cf, "meta", serde_json::to_vec(meta).map_err(invalid_data)?);
-        batch.put_cf(cf, "data", data);
-        // Not through the write-ahead log, which the Raft log shares: a synced write of the
-        // whole state there (24 MB under load) held up every log append and its fsync behind
-        // it, on every node at about the same time (docs/benchmarks.md). The flush writes the
-        // snapshot family's memtable to a table file of its own and syncs it; both keys are
-        // in that one memtable, so a crash before it leaves the previous snapshot, whole.
-        // Only after it does openraft purge the log the snapshot covers.
-        let mut wo = WriteOptions::default();
-        wo.disable_wal(true);
-        self.db.write_opt(batch, &wo).map_err(io_err)?;
-        let mut fo = FlushOptions::default();
-        fo.set_wait(true);
-        self.db.flush_cf_opt(&cf, &fo).map_err(io_err)?;
         Ok(true)
     }
+}
+
+fn index(meta: &SnapshotMeta) -> Option<u64> {
+    meta.last_log_id.map(|l| l.index())
+}
+
+/// The header and the meta line of a snapshot file.
+fn read_snapshot_meta(r: &mut impl BufRead) -> io::Result<SnapshotMeta> {
+    let mut header = Vec::new();
+    r.read_until(b'\n', &mut header)?;
+    if header != SNAPSHOT_HEADER {
+        return Err(invalid_data("not a Concord snapshot file (header)"));
+    }
+    let mut line = Vec::new();
+    r.read_until(b'\n', &mut line)?;
+    serde_json::from_slice(&line).map_err(invalid_data)
+}
+
+/// The snapshot file at `path`: its meta and its state's encoding, or `None` if there is none.
+fn read_snapshot_file(path: &Path) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len() as usize;
+    let mut r = BufReader::new(f);
+    let meta = read_snapshot_meta(&mut r)?;
+    let mut data = Vec::with_capacity(len);
+    r.read_to_end(&mut data)?;
+    Ok(Some((meta, data)))
 }
 
 /// Builds a snapshot from a point-in-time copy of the state.
@@ -493,18 +571,8 @@ mod tests {
     }
 
     #[test]
-    fn an_older_snapshot_does_not_replace_a_newer_one_and_both_keys_survive_a_reopen() {
+    fn an_older_snapshot_does_not_replace_a_newer_one_and_it_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let state = |time_ms| {
-            let mut st = SmState::default();
-            st.sm.time_ms = time_ms;
-            serde_json::to_vec(&st).unwrap()
-        };
-        let stored = |sm: &StateMachineStore| {
-            let (m, d) = sm.load_snapshot().unwrap().expect("a snapshot");
-            let st: SmState = serde_json::from_slice(&d).unwrap();
-            (m.last_log_id.unwrap().index(), st.sm.time_ms)
-        };
         {
             let (_log, sm) = super::super::open(dir.path()).unwrap();
             assert!(sm.load_snapshot().unwrap().is_none());
@@ -520,27 +588,79 @@ mod tests {
         assert_eq!(sm.shared.read().sm.time_ms, 300, "loaded on open");
     }
 
+    /// A state at `time_ms`, encoded.
+    fn state(time_ms: u64) -> Vec<u8> {
+        let mut st = SmState::default();
+        st.sm.time_ms = time_ms;
+        serde_json::to_vec(&st).unwrap()
+    }
+
+    /// The stored snapshot's index and its state's time.
+    fn stored(sm: &StateMachineStore) -> (u64, u64) {
+        let (m, d) = sm.load_snapshot().unwrap().expect("a snapshot");
+        let st: SmState = serde_json::from_slice(&d).unwrap();
+        (m.last_log_id.unwrap().index(), st.sm.time_ms)
+    }
+
     #[test]
-    fn a_loaded_snapshot_does_not_stay_in_the_block_cache() {
+    fn a_snapshot_an_earlier_version_kept_in_rocksdb_is_loaded_until_a_newer_file_replaces_it() {
         let dir = tempfile::tempdir().unwrap();
-        // A valid state padded to 4 MB (JSON allows trailing white space).
-        let mut data = serde_json::to_vec(&SmState::default()).unwrap();
-        data.resize(4 << 20, b' ');
         {
             let (_log, sm) = super::super::open(dir.path()).unwrap();
-            assert!(sm.save_snapshot(&meta(7), &data).unwrap());
+            let cf = sm.db.cf_handle(CF_SNAPSHOT).unwrap();
+            let mut batch = WriteBatch::default();
+            batch.put_cf(cf, "meta", serde_json::to_vec(&meta(10)).unwrap());
+            batch.put_cf(cf, "data", state(100));
+            sm.db.write(batch).unwrap();
         }
-        // Opening loads the snapshot; sending it reads it again.
         let (_log, sm) = super::super::open(dir.path()).unwrap();
-        let (_, read) = sm.load_snapshot().unwrap().expect("a snapshot");
-        assert_eq!(read.len(), data.len());
-        let cf = sm.db.cf_handle(CF_SNAPSHOT).unwrap();
-        let cached = sm
-            .db
-            .property_int_value_cf(cf, "rocksdb.block-cache-usage")
-            .unwrap()
-            .expect("block cache usage");
-        assert!(cached < 1 << 20, "{cached} bytes of the snapshot cached");
+        assert_eq!(sm.shared.read().sm.time_ms, 100, "loaded on open");
+        assert_eq!(stored(&sm), (10, 100));
+        assert!(!sm.save_snapshot(&meta(5), &state(50)).unwrap());
+        assert!(!dir.path().join(SNAPSHOT_FILE).exists());
+        assert!(sm.save_snapshot(&meta(20), &state(200)).unwrap());
+        assert!(
+            sm.load_legacy_snapshot().unwrap().is_none(),
+            "the old one goes"
+        );
+        assert!(!dir.path().join(SNAPSHOT_TMP).exists());
+        drop((_log, sm));
+        let (_log, sm) = super::super::open(dir.path()).unwrap();
+        assert_eq!(sm.shared.read().sm.time_ms, 200);
+        assert_eq!(stored(&sm), (20, 200));
+    }
+
+    #[test]
+    fn a_half_written_snapshot_is_not_read_and_a_damaged_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_log, sm) = super::super::open(dir.path()).unwrap();
+            assert!(sm.save_snapshot(&meta(10), &state(100)).unwrap());
+        }
+        // A crash while the next one was being written.
+        let mut half = SNAPSHOT_HEADER.to_vec();
+        half.extend_from_slice(&serde_json::to_vec(&meta(20)).unwrap());
+        half.extend_from_slice(b"\n{\"last_app");
+        std::fs::write(dir.path().join(SNAPSHOT_TMP), &half).unwrap();
+        {
+            let (_log, sm) = super::super::open(dir.path()).unwrap();
+            assert_eq!(stored(&sm), (10, 100));
+            assert!(sm.save_snapshot(&meta(20), &state(200)).unwrap());
+            assert_eq!(stored(&sm), (20, 200));
+        }
+        let file = dir.path().join(SNAPSHOT_FILE);
+        let mut damaged = std::fs::read(&file).unwrap();
+        damaged.truncate(damaged.len() - 3);
+        std::fs::write(&file, &damaged).unwrap();
+        let err = super::super::open(dir.path())
+            .err()
+            .expect("a damaged snapshot");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        std::fs::write(&file, b"something else\n").unwrap();
+        let err = super::super::open(dir.path())
+            .err()
+            .expect("not a snapshot file");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
     #[cfg(target_os = "linux")]
