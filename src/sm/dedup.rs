@@ -108,6 +108,12 @@ impl RequestIds {
         self.by_time.len()
     }
 
+    /// Ids in the id index (for the invariant checks of tests: the same as [`Self::len`]).
+    #[cfg(test)]
+    pub fn indexed_ids(&self) -> usize {
+        self.ids().len()
+    }
+
     /// Remember the first answer to `id` (`Sm::apply` only calls this for an id that is not
     /// in the table; one that is would replace its answer and time).
     pub fn insert(&mut self, id: &str, time_ms: u64, response: Response) {

@@ -68,7 +68,7 @@ pub(super) fn deep_check(sm: &Sm) -> Result<(), String> {
             return Err(format!("key {key} has inconsistent versions {e:?}"));
         }
     }
-    if sm.dedup.len() != sm.dedup.by_time().count() {
+    if sm.dedup.indexed_ids() != sm.dedup.len() {
         return Err("dedup indexes differ in size".into());
     }
     for (t, id) in sm.dedup.by_time() {

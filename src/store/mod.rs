@@ -55,8 +55,8 @@ pub fn open(dir: &Path) -> io::Result<(LogStore, StateMachineStore)> {
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     // Memtables are memory the node holds until RocksDB flushes them. The defaults (64 MiB per
-    // column family, two per family) let the log and the snapshot (one value of the whole
-    // state) hold over 100 MiB between flushes; cap all memtables together instead.
+    // column family, two per family) let the log (and the snapshot, when it was a value here)
+    // hold over 100 MiB between flushes; cap all memtables together instead.
     opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
     // Writes go to RocksDB's WAL buffer in memory, not to the file: the fsync thread's
     // `flush_wal(true)` writes the buffer and syncs it, once for every append that arrived

@@ -309,16 +309,17 @@ impl StateMachineStore {
             return Ok(false);
         }
         let tmp = self.dir.join(SNAPSHOT_TMP);
-        let mut f = File::create(&tmp)?;
-        f.write_all(SNAPSHOT_HEADER)?;
-        serde_json::to_writer(&mut f, meta).map_err(invalid_data)?;
-        f.write_all(b"\n")?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        drop(f);
+        let written = write_synced(&tmp, meta, data);
+        if written.is_err() {
+            // Disk full, say: do not leave up to a whole state behind until the next try.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written?;
         std::fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE))?;
         File::open(&self.dir)?.sync_all()?;
-        // A snapshot an earlier version left in RocksDB is older than this one now: let it go.
+        // A snapshot an earlier version left in RocksDB is older than this one now: let it go,
+        // table file and all (deletions alone would leave the value on disk until a compaction
+        // that may never come to so small a family).
         let cf = self
             .db
             .cf_handle(CF_SNAPSHOT)
@@ -328,9 +329,20 @@ impl StateMachineStore {
             batch.delete_cf(cf, "meta");
             batch.delete_cf(cf, "data");
             self.db.write(batch).map_err(io_err)?;
+            self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
         }
         Ok(true)
     }
+}
+
+/// Write a snapshot file at `path` and sync it.
+fn write_synced(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(SNAPSHOT_HEADER)?;
+    serde_json::to_writer(&mut f, meta).map_err(invalid_data)?;
+    f.write_all(b"\n")?;
+    f.write_all(data)?;
+    f.sync_all()
 }
 
 fn index(meta: &SnapshotMeta) -> Option<u64> {
@@ -393,8 +405,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .shared
             .snapshot_bytes
             .store(data.len(), Ordering::Relaxed);
-        // Stored at normal priority: RocksDB's write queue and the flush are shared with the
-        // Raft log's appends, which must not wait behind a low-priority thread.
+        // Stored at normal priority (the blocking pool): the file's sync shares the disk with
+        // the Raft log's fsyncs, and the log purge waits for it.
         let (meta, data, stored) = tokio::task::spawn_blocking(move || {
             let stored = store.save_snapshot(&meta, &data)?;
             Ok::<_, io::Error>((meta, data, stored))
@@ -628,6 +640,29 @@ mod tests {
         let (_log, sm) = super::super::open(dir.path()).unwrap();
         assert_eq!(sm.shared.read().sm.time_ms, 200);
         assert_eq!(stored(&sm), (20, 200));
+    }
+
+    #[test]
+    fn a_newer_snapshot_in_rocksdb_wins_over_an_older_file_until_a_newer_file_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A file at 10, then (an earlier version run again, say) RocksDB's at 20.
+            let (_log, sm) = super::super::open(dir.path()).unwrap();
+            assert!(sm.save_snapshot(&meta(10), &state(100)).unwrap());
+            let cf = sm.db.cf_handle(CF_SNAPSHOT).unwrap();
+            let mut batch = WriteBatch::default();
+            batch.put_cf(cf, "meta", serde_json::to_vec(&meta(20)).unwrap());
+            batch.put_cf(cf, "data", state(200));
+            sm.db.write(batch).unwrap();
+        }
+        let (_log, sm) = super::super::open(dir.path()).unwrap();
+        assert_eq!(sm.shared.read().sm.time_ms, 200, "the newer one loaded");
+        assert_eq!(stored(&sm), (20, 200));
+        assert!(!sm.save_snapshot(&meta(15), &state(150)).unwrap());
+        assert_eq!(stored(&sm), (20, 200));
+        assert!(sm.save_snapshot(&meta(30), &state(300)).unwrap());
+        assert!(sm.load_legacy_snapshot().unwrap().is_none());
+        assert_eq!(stored(&sm), (30, 300));
     }
 
     #[test]
