@@ -614,16 +614,21 @@ mod tests {
         (m.last_log_id.unwrap().index(), st.sm.time_ms)
     }
 
+    /// Store a snapshot up to `index` at `time_ms` as versions before the file did.
+    fn put_legacy(sm: &StateMachineStore, index: u64, time_ms: u64) {
+        let cf = sm.db.cf_handle(CF_SNAPSHOT).unwrap();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, "meta", serde_json::to_vec(&meta(index)).unwrap());
+        batch.put_cf(cf, "data", state(time_ms));
+        sm.db.write(batch).unwrap();
+    }
+
     #[test]
     fn a_snapshot_an_earlier_version_kept_in_rocksdb_is_loaded_until_a_newer_file_replaces_it() {
         let dir = tempfile::tempdir().unwrap();
         {
             let (_log, sm) = super::super::open(dir.path()).unwrap();
-            let cf = sm.db.cf_handle(CF_SNAPSHOT).unwrap();
-            let mut batch = WriteBatch::default();
-            batch.put_cf(cf, "meta", serde_json::to_vec(&meta(10)).unwrap());
-            batch.put_cf(cf, "data", state(100));
-            sm.db.write(batch).unwrap();
+            put_legacy(&sm, 10, 100);
         }
         let (_log, sm) = super::super::open(dir.path()).unwrap();
         assert_eq!(sm.shared.read().sm.time_ms, 100, "loaded on open");
@@ -649,11 +654,7 @@ mod tests {
             // A file at 10, then (an earlier version run again, say) RocksDB's at 20.
             let (_log, sm) = super::super::open(dir.path()).unwrap();
             assert!(sm.save_snapshot(&meta(10), &state(100)).unwrap());
-            let cf = sm.db.cf_handle(CF_SNAPSHOT).unwrap();
-            let mut batch = WriteBatch::default();
-            batch.put_cf(cf, "meta", serde_json::to_vec(&meta(20)).unwrap());
-            batch.put_cf(cf, "data", state(200));
-            sm.db.write(batch).unwrap();
+            put_legacy(&sm, 20, 200);
         }
         let (_log, sm) = super::super::open(dir.path()).unwrap();
         assert_eq!(sm.shared.read().sm.time_ms, 200, "the newer one loaded");
