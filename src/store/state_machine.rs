@@ -14,7 +14,7 @@ use openraft::alias::SnapshotOf;
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
-use rocksdb::{ReadOptions, WriteBatch, DB};
+use rocksdb::{ColumnFamily, ReadOptions, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
@@ -251,15 +251,21 @@ impl StateMachineStore {
         })
     }
 
+    fn cf_snapshot(&self) -> &ColumnFamily {
+        self.db
+            .cf_handle(CF_SNAPSHOT)
+            .expect("snapshot column family")
+    }
+
     /// A snapshot stored by a version before the snapshot file (both keys of the `snapshot`
     /// column family, written together).
     fn load_legacy_snapshot(&self) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
-        let cf = self
-            .db
-            .cf_handle(CF_SNAPSHOT)
-            .expect("snapshot column family");
+        let cf = self.cf_snapshot();
+        // Both keys from one point in time: a snapshot being stored meanwhile is all or nothing.
         let view = self.db.snapshot();
         let meta = view.get_cf(cf, "meta").map_err(io_err)?;
+        // Not through RocksDB's block cache: the value is the whole state (tens of MB) in one
+        // block, read on start and to send it; cached, it stayed in memory for nothing.
         let mut once = ReadOptions::default();
         once.fill_cache(false);
         let data = view.get_cf_opt(cf, "data", once).map_err(io_err)?;
@@ -272,22 +278,12 @@ impl StateMachineStore {
         }
     }
 
-    /// The log index the stored snapshot covers, without reading its state.
-    fn stored_index(&self) -> io::Result<Option<u64>> {
-        let file = match File::open(self.dir.join(SNAPSHOT_FILE)) {
-            Ok(f) => index(&read_snapshot_meta(&mut BufReader::new(f))?),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
-        };
-        let cf = self
-            .db
-            .cf_handle(CF_SNAPSHOT)
-            .expect("snapshot column family");
-        let legacy = match self.db.get_cf(cf, "meta").map_err(io_err)? {
-            Some(m) => index(&serde_json::from_slice(&m).map_err(invalid_data)?),
-            None => None,
-        };
-        Ok(file.max(legacy))
+    /// The meta of the snapshot an earlier version kept in RocksDB, if there is one.
+    fn legacy_meta(&self) -> io::Result<Option<SnapshotMeta>> {
+        match self.db.get_cf(self.cf_snapshot(), "meta").map_err(io_err)? {
+            Some(m) => serde_json::from_slice(&m).map(Some).map_err(invalid_data),
+            None => Ok(None),
+        }
     }
 
     /// Store a snapshot unless a newer one is stored already (`false` then).
@@ -305,7 +301,12 @@ impl StateMachineStore {
             .snapshot_save
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if self.stored_index()? > index(meta) {
+        let file = match open_existing(&self.dir.join(SNAPSHOT_FILE))? {
+            Some(f) => index(&read_snapshot_meta(&mut BufReader::new(f))?),
+            None => None,
+        };
+        let legacy = self.legacy_meta()?;
+        if file.max(legacy.as_ref().and_then(index)) > index(meta) {
             return Ok(false);
         }
         let tmp = self.dir.join(SNAPSHOT_TMP);
@@ -320,11 +321,8 @@ impl StateMachineStore {
         // A snapshot an earlier version left in RocksDB is older than this one now: let it go,
         // table file and all (deletions alone would leave the value on disk until a compaction
         // that may never come to so small a family).
-        let cf = self
-            .db
-            .cf_handle(CF_SNAPSHOT)
-            .expect("snapshot column family");
-        if self.db.get_pinned_cf(cf, "meta").map_err(io_err)?.is_some() {
+        if legacy.is_some() {
+            let cf = self.cf_snapshot();
             let mut batch = WriteBatch::default();
             batch.delete_cf(cf, "meta");
             batch.delete_cf(cf, "data");
@@ -332,6 +330,15 @@ impl StateMachineStore {
             self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
         }
         Ok(true)
+    }
+}
+
+/// The file at `path`, or `None` if there is none.
+fn open_existing(path: &Path) -> io::Result<Option<File>> {
+    match File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -363,10 +370,8 @@ fn read_snapshot_meta(r: &mut impl BufRead) -> io::Result<SnapshotMeta> {
 
 /// The snapshot file at `path`: its meta and its state's encoding, or `None` if there is none.
 fn read_snapshot_file(path: &Path) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+    let Some(f) = open_existing(path)? else {
+        return Ok(None);
     };
     let len = f.metadata()?.len() as usize;
     let mut r = BufReader::new(f);
@@ -616,7 +621,7 @@ mod tests {
 
     /// Store a snapshot up to `index` at `time_ms` as versions before the file did.
     fn put_legacy(sm: &StateMachineStore, index: u64, time_ms: u64) {
-        let cf = sm.db.cf_handle(CF_SNAPSHOT).unwrap();
+        let cf = sm.cf_snapshot();
         let mut batch = WriteBatch::default();
         batch.put_cf(cf, "meta", serde_json::to_vec(&meta(index)).unwrap());
         batch.put_cf(cf, "data", state(time_ms));
