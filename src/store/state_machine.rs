@@ -16,6 +16,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use rocksdb::{ColumnFamily, ReadOptions, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, watch};
 
 use super::watch::{WatchLog, DEFAULT_WATCH_HISTORY};
@@ -210,11 +211,14 @@ pub struct StateMachineStore {
 }
 
 /// The snapshot file, in the data directory: [`SNAPSHOT_HEADER`], the [`SnapshotMeta`] as
-/// JSON on one line, then the state ([`SmState`]) as JSON to the end.
+/// JSON on one line, a line with the state's length in bytes and the SHA-256 of the meta line
+/// and the state (lowercase hex), then the state ([`SmState`]) as JSON to the end.
 const SNAPSHOT_FILE: &str = "snapshot";
 /// Where the next snapshot file is written before it is renamed over the current one.
 const SNAPSHOT_TMP: &str = "snapshot.tmp";
-const SNAPSHOT_HEADER: &[u8] = b"concord snapshot 1\n";
+const SNAPSHOT_HEADER: &[u8] = b"concord snapshot 2\n";
+/// The first version's header (c165657): no length and checksum line. Read, never written.
+const SNAPSHOT_HEADER_V1: &[u8] = b"concord snapshot 1\n";
 
 impl StateMachineStore {
     pub(super) fn open(db: Arc<DB>, dir: &Path) -> io::Result<StateMachineStore> {
@@ -302,7 +306,7 @@ impl StateMachineStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let file = match open_existing(&self.dir.join(SNAPSHOT_FILE))? {
-            Some(f) => index(&read_snapshot_meta(&mut BufReader::new(f))?),
+            Some(f) => index(&read_snapshot_head(&mut BufReader::new(f))?.meta),
             None => None,
         };
         let legacy = self.legacy_meta()?;
@@ -344,41 +348,91 @@ fn open_existing(path: &Path) -> io::Result<Option<File>> {
 
 /// Write a snapshot file at `path` and sync it.
 fn write_synced(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+    let mut line = serde_json::to_vec(meta).map_err(invalid_data)?;
+    line.push(b'\n');
     let mut f = File::create(path)?;
     f.write_all(SNAPSHOT_HEADER)?;
-    serde_json::to_writer(&mut f, meta).map_err(invalid_data)?;
-    f.write_all(b"\n")?;
+    f.write_all(&line)?;
+    writeln!(f, "{} {}", data.len(), checksum(&line, data))?;
     f.write_all(data)?;
     f.sync_all()
+}
+
+/// The SHA-256 of a snapshot file's meta line and state, in lowercase hex. RocksDB used to
+/// checksum the snapshot's blocks; a file of its own has to carry one: a flipped bit in the
+/// state can still be valid JSON (a digit, a letter of a key), and would load as another state.
+fn checksum(meta_line: &[u8], data: &[u8]) -> String {
+    let digest = Sha256::new()
+        .chain_update(meta_line)
+        .chain_update(data)
+        .finalize();
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn index(meta: &SnapshotMeta) -> Option<u64> {
     meta.last_log_id.map(|l| l.index())
 }
 
-/// The header and the meta line of a snapshot file.
-fn read_snapshot_meta(r: &mut impl BufRead) -> io::Result<SnapshotMeta> {
+/// The start of a snapshot file: its meta, the meta line as read, and whether the file is of
+/// the first version (no length and checksum line).
+struct FileHead {
+    meta: SnapshotMeta,
+    line: Vec<u8>,
+    v1: bool,
+}
+
+/// Read the header and the meta line of a snapshot file.
+fn read_snapshot_head(r: &mut impl BufRead) -> io::Result<FileHead> {
     let mut header = Vec::new();
     r.read_until(b'\n', &mut header)?;
-    if header != SNAPSHOT_HEADER {
-        return Err(invalid_data("not a Concord snapshot file (header)"));
-    }
+    let v1 = match header.as_slice() {
+        SNAPSHOT_HEADER => false,
+        SNAPSHOT_HEADER_V1 => true,
+        _ => return Err(invalid_data("not a Concord snapshot file (header)")),
+    };
     let mut line = Vec::new();
     r.read_until(b'\n', &mut line)?;
-    serde_json::from_slice(&line).map_err(invalid_data)
+    let meta = serde_json::from_slice(&line).map_err(invalid_data)?;
+    Ok(FileHead { meta, line, v1 })
 }
 
 /// The snapshot file at `path`: its meta and its state's encoding, or `None` if there is none.
+/// A file whose state is not the length or does not have the checksum written with it is
+/// `InvalidData`.
 fn read_snapshot_file(path: &Path) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
     let Some(f) = open_existing(path)? else {
         return Ok(None);
     };
     let len = f.metadata()?.len() as usize;
     let mut r = BufReader::new(f);
-    let meta = read_snapshot_meta(&mut r)?;
+    let head = read_snapshot_head(&mut r)?;
+    let expected = match head.v1 {
+        true => None,
+        false => {
+            let mut line = String::new();
+            r.read_line(&mut line)?;
+            let parsed = line.strip_suffix('\n').and_then(|l| l.split_once(' '));
+            let Some((size, sum)) = parsed else {
+                return Err(invalid_data("snapshot file: no length and checksum line"));
+            };
+            let size: usize = size.parse().map_err(invalid_data)?;
+            Some((size, sum.to_string()))
+        }
+    };
     let mut data = Vec::with_capacity(len);
     r.read_to_end(&mut data)?;
-    Ok(Some((meta, data)))
+    if let Some((size, sum)) = expected {
+        if data.len() != size {
+            return Err(invalid_data(format!(
+                "snapshot file: the state is {} bytes, {size} were written",
+                data.len()
+            )));
+        }
+        if checksum(&head.line, &data) != sum {
+            return Err(invalid_data("snapshot file: checksum mismatch"));
+        }
+    }
+    Ok(Some((head.meta, data)))
 }
 
 /// Builds a snapshot from a point-in-time copy of the state.
@@ -690,18 +744,56 @@ mod tests {
             assert_eq!(stored(&sm), (20, 200));
         }
         let file = dir.path().join(SNAPSHOT_FILE);
-        let mut damaged = std::fs::read(&file).unwrap();
-        damaged.truncate(damaged.len() - 3);
-        std::fs::write(&file, &damaged).unwrap();
-        let err = super::super::open(dir.path())
-            .err()
-            .expect("a damaged snapshot");
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        std::fs::write(&file, b"something else\n").unwrap();
-        let err = super::super::open(dir.path())
-            .err()
-            .expect("not a snapshot file");
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let whole = std::fs::read(&file).unwrap();
+        let fails_to_open = |bytes: &[u8], what: &str| {
+            std::fs::write(&file, bytes).unwrap();
+            let err = super::super::open(dir.path()).err().expect(what);
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{what}: {err}");
+        };
+        fails_to_open(&whole[..whole.len() - 3], "a truncated snapshot");
+        // Still valid JSON, another state or meta: only the checksum tells.
+        let replace = |from: &str, to: &str| {
+            let text = String::from_utf8(whole.clone()).unwrap();
+            assert_eq!(text.matches(from).count(), 1, "{from}");
+            text.replace(from, to).into_bytes()
+        };
+        fails_to_open(
+            &replace("\"time_ms\":200", "\"time_ms\":300"),
+            "another state",
+        );
+        fails_to_open(&replace("\"index\":20}", "\"index\":21}"), "another meta");
+        fails_to_open(b"something else\n", "not a snapshot file");
+        std::fs::write(&file, &whole).unwrap();
+        let (_log, sm) = super::super::open(dir.path()).unwrap();
+        assert_eq!(stored(&sm), (20, 200));
+    }
+
+    #[test]
+    fn a_snapshot_file_of_the_first_version_without_a_checksum_is_loaded_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(super::super::open(dir.path()).unwrap());
+        let mut v1 = SNAPSHOT_HEADER_V1.to_vec();
+        v1.extend_from_slice(&serde_json::to_vec(&meta(10)).unwrap());
+        v1.push(b'\n');
+        v1.extend_from_slice(&state(100));
+        std::fs::write(dir.path().join(SNAPSHOT_FILE), &v1).unwrap();
+        let (_log, sm) = super::super::open(dir.path()).unwrap();
+        assert_eq!(sm.shared.read().sm.time_ms, 100, "loaded on open");
+        assert_eq!(stored(&sm), (10, 100));
+        assert!(!sm.save_snapshot(&meta(5), &state(50)).unwrap());
+        assert!(sm.save_snapshot(&meta(20), &state(200)).unwrap());
+        let written = std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        assert!(written.starts_with(SNAPSHOT_HEADER));
+        assert_eq!(stored(&sm), (20, 200));
+    }
+
+    #[test]
+    fn the_snapshot_checksum_is_sha256_of_the_meta_line_and_the_state() {
+        // FIPS 180-2's "abc", split across the two parts.
+        assert_eq!(
+            checksum(b"a", b"bc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[cfg(target_os = "linux")]
