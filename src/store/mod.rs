@@ -15,7 +15,8 @@
 //!   a newer snapshot file is written.
 //!
 //! The snapshot itself is a file in the data directory, `snapshot` (next to `rocksdb/`): a
-//! header line, the `SnapshotMeta` as JSON on one line, then the `SmState` as JSON. It is
+//! header line, the `SnapshotMeta` as JSON on one line, a line with the state's length and the
+//! SHA-256 of the meta line and the state, then the `SmState` as JSON. It is
 //! written to `snapshot.tmp`, synced, renamed over the old one and the directory synced, so a
 //! crash leaves one or the other whole. On start the state machine is loaded from it and
 //! openraft replays the committed log after it.
