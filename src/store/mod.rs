@@ -16,7 +16,8 @@
 //!
 //! The snapshot itself is a file in the data directory, `snapshot` (next to `rocksdb/`): a
 //! header line, the `SnapshotMeta` as JSON on one line, a line with the state's length and the
-//! SHA-256 of the meta line and the state, then the `SmState` as JSON. It is
+//! SHA-256 of the meta line and the state, then the `SmState` as JSON (files of the first
+//! version, without that line, are still read). It is
 //! written to `snapshot.tmp`, synced, renamed over the old one and the directory synced, so a
 //! crash leaves one or the other whole. On start the state machine is loaded from it and
 //! openraft replays the committed log after it.

@@ -47,9 +47,11 @@ pub struct SmShared {
     /// Size of the last snapshot built: the next one's buffer starts this large, so encoding
     /// does not also copy the buffer over while it grows.
     snapshot_bytes: AtomicUsize,
-    /// Held while a snapshot is stored: a build (its own task in openraft) and an install
-    /// from the leader can overlap, and the older must not replace the newer.
-    snapshot_save: Mutex<()>,
+    /// The log index the stored snapshot covers (`None`: none stored, or one of no entries),
+    /// known from the snapshot loaded on open and kept with every snapshot stored, not read
+    /// back from the file. Held while a snapshot is stored: a build (its own task in openraft)
+    /// and an install from the leader can overlap, and the older must not replace the newer.
+    stored_snapshot: Mutex<Option<u64>>,
 }
 
 impl SmShared {
@@ -231,14 +233,15 @@ impl StateMachineStore {
                 lease_wakers: Mutex::new(HashMap::new()),
                 index_waiters: Mutex::new(BTreeMap::new()),
                 snapshot_bytes: AtomicUsize::new(0),
-                snapshot_save: Mutex::new(()),
+                stored_snapshot: Mutex::new(None),
             }),
             db,
             dir: Arc::from(dir),
         };
-        if let Some((_, data)) = store.load_snapshot()? {
+        if let Some((meta, data)) = store.load_snapshot()? {
             let st: SmState = serde_json::from_slice(&data).map_err(invalid_data)?;
             store.shared.replace(st);
+            *store.stored_snapshot() = index(&meta);
         }
         Ok(store)
     }
@@ -253,6 +256,11 @@ impl StateMachineStore {
             (Some(f), _) => Some(f),
             (None, l) => l,
         })
+    }
+
+    fn stored_snapshot(&self) -> MutexGuard<'_, Option<u64>> {
+        let lock = &self.shared.stored_snapshot;
+        lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn cf_snapshot(&self) -> &ColumnFamily {
@@ -299,20 +307,16 @@ impl StateMachineStore {
     /// put load, was copied into a memtable, written out as a table file with a checksum over
     /// it, and copied again by the compactions that dropped the old ones, on every node every
     /// 100 000 entries (docs/benchmarks.md).
+    ///
+    /// Which snapshot is newer is decided by the index kept in memory, not by reading the
+    /// stored file's meta again: a file damaged since it was written (its meta showing a higher
+    /// index, say) must not keep every later snapshot out.
     fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<bool> {
-        let _one_at_a_time = self
-            .shared
-            .snapshot_save
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let file = match open_existing(&self.dir.join(SNAPSHOT_FILE))? {
-            Some(f) => index(&read_snapshot_head(&mut BufReader::new(f))?.meta),
-            None => None,
-        };
-        let legacy = self.legacy_meta()?;
-        if file.max(legacy.as_ref().and_then(index)) > index(meta) {
+        let mut stored = self.stored_snapshot();
+        if *stored > index(meta) {
             return Ok(false);
         }
+        let legacy = self.legacy_meta()?;
         let tmp = self.dir.join(SNAPSHOT_TMP);
         let written = write_synced(&tmp, meta, data);
         if written.is_err() {
@@ -321,6 +325,7 @@ impl StateMachineStore {
         }
         written?;
         std::fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE))?;
+        *stored = index(meta);
         File::open(&self.dir)?.sync_all()?;
         // A snapshot an earlier version left in RocksDB is older than this one now: let it go,
         // table file and all (deletions alone would leave the value on disk until a compaction
@@ -762,10 +767,35 @@ mod tests {
             "another state",
         );
         fails_to_open(&replace("\"index\":20}", "\"index\":21}"), "another meta");
+        let mut lines = whole.splitn(4, |&b| b == b'\n');
+        let (header, meta_line, _sums, state) = (
+            lines.next().unwrap(),
+            lines.next().unwrap(),
+            lines.next().unwrap(),
+            lines.next().unwrap(),
+        );
+        let without_sums = [header, meta_line, state].join(&b'\n');
+        fails_to_open(&without_sums, "a second version without its checksum line");
         fails_to_open(b"something else\n", "not a snapshot file");
         std::fs::write(&file, &whole).unwrap();
         let (_log, sm) = super::super::open(dir.path()).unwrap();
         assert_eq!(stored(&sm), (20, 200));
+    }
+
+    #[test]
+    fn a_stored_snapshot_damaged_since_does_not_keep_newer_ones_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, sm) = super::super::open(dir.path()).unwrap();
+        assert!(sm.save_snapshot(&meta(20), &state(200)).unwrap());
+        // Its meta now claims index 90: only the checksum could tell.
+        let file = dir.path().join(SNAPSHOT_FILE);
+        let text = String::from_utf8(std::fs::read(&file).unwrap()).unwrap();
+        std::fs::write(&file, text.replace("\"index\":20}", "\"index\":90}")).unwrap();
+        assert!(!sm.save_snapshot(&meta(10), &state(100)).unwrap());
+        assert!(sm.save_snapshot(&meta(30), &state(300)).unwrap());
+        drop((_log, sm));
+        let (_log, sm) = super::super::open(dir.path()).unwrap();
+        assert_eq!(stored(&sm), (30, 300));
     }
 
     #[test]
@@ -820,7 +850,7 @@ mod tests {
             lease_wakers: Mutex::new(HashMap::new()),
             index_waiters: Mutex::new(BTreeMap::new()),
             snapshot_bytes: AtomicUsize::new(0),
-            snapshot_save: Mutex::new(()),
+            stored_snapshot: Mutex::new(None),
         })
     }
 
