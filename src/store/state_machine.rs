@@ -790,6 +790,7 @@ mod tests {
         // Its meta now claims index 90: only the checksum could tell.
         let file = dir.path().join(SNAPSHOT_FILE);
         let text = String::from_utf8(std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(text.matches("\"index\":20}").count(), 1);
         std::fs::write(&file, text.replace("\"index\":20}", "\"index\":90}")).unwrap();
         assert!(!sm.save_snapshot(&meta(10), &state(100)).unwrap());
         assert!(sm.save_snapshot(&meta(30), &state(300)).unwrap());
