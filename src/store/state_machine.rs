@@ -678,6 +678,13 @@ mod tests {
         (m.last_log_id.unwrap().index(), st.sm.time_ms)
     }
 
+    /// `bytes` (UTF-8 text) with the one place that holds `from` changed to `to`.
+    fn replace_once(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
+        let text = std::str::from_utf8(bytes).unwrap();
+        assert_eq!(text.matches(from).count(), 1, "{from}");
+        text.replace(from, to).into_bytes()
+    }
+
     /// Store a snapshot up to `index` at `time_ms` as versions before the file did.
     fn put_legacy(sm: &StateMachineStore, index: u64, time_ms: u64) {
         let cf = sm.cf_snapshot();
@@ -757,16 +764,10 @@ mod tests {
         };
         fails_to_open(&whole[..whole.len() - 3], "a truncated snapshot");
         // Still valid JSON, another state or meta: only the checksum tells.
-        let replace = |from: &str, to: &str| {
-            let text = String::from_utf8(whole.clone()).unwrap();
-            assert_eq!(text.matches(from).count(), 1, "{from}");
-            text.replace(from, to).into_bytes()
-        };
-        fails_to_open(
-            &replace("\"time_ms\":200", "\"time_ms\":300"),
-            "another state",
-        );
-        fails_to_open(&replace("\"index\":20}", "\"index\":21}"), "another meta");
+        let other_state = replace_once(&whole, "\"time_ms\":200", "\"time_ms\":300");
+        fails_to_open(&other_state, "another state");
+        let other_meta = replace_once(&whole, "\"index\":20}", "\"index\":21}");
+        fails_to_open(&other_meta, "another meta");
         let mut lines = whole.splitn(4, |&b| b == b'\n');
         let (header, meta_line, _sums, state) = (
             lines.next().unwrap(),
@@ -789,9 +790,12 @@ mod tests {
         assert!(sm.save_snapshot(&meta(20), &state(200)).unwrap());
         // Its meta now claims index 90: only the checksum could tell.
         let file = dir.path().join(SNAPSHOT_FILE);
-        let text = String::from_utf8(std::fs::read(&file).unwrap()).unwrap();
-        assert_eq!(text.matches("\"index\":20}").count(), 1);
-        std::fs::write(&file, text.replace("\"index\":20}", "\"index\":90}")).unwrap();
+        let whole = std::fs::read(&file).unwrap();
+        std::fs::write(
+            &file,
+            replace_once(&whole, "\"index\":20}", "\"index\":90}"),
+        )
+        .unwrap();
         assert!(!sm.save_snapshot(&meta(10), &state(100)).unwrap());
         assert!(sm.save_snapshot(&meta(30), &state(300)).unwrap());
         drop((_log, sm));
