@@ -290,12 +290,11 @@ impl StateMachineStore {
         }
     }
 
-    /// The meta of the snapshot an earlier version kept in RocksDB, if there is one.
-    fn legacy_meta(&self) -> io::Result<Option<SnapshotMeta>> {
-        match self.db.get_cf(self.cf_snapshot(), "meta").map_err(io_err)? {
-            Some(m) => serde_json::from_slice(&m).map(Some).map_err(invalid_data),
-            None => Ok(None),
-        }
+    /// Whether an earlier version's snapshot is still in RocksDB (its meta key, without
+    /// reading or decoding it).
+    fn has_legacy_snapshot(&self) -> io::Result<bool> {
+        let meta = self.db.get_pinned_cf(self.cf_snapshot(), "meta");
+        Ok(meta.map_err(io_err)?.is_some())
     }
 
     /// Store a snapshot unless a newer one is stored already (`false` then).
@@ -316,7 +315,7 @@ impl StateMachineStore {
         if *stored > index(meta) {
             return Ok(false);
         }
-        let legacy = self.legacy_meta()?;
+        let legacy = self.has_legacy_snapshot()?;
         let tmp = self.dir.join(SNAPSHOT_TMP);
         let written = write_synced(&tmp, meta, data);
         if written.is_err() {
@@ -330,7 +329,7 @@ impl StateMachineStore {
         // A snapshot an earlier version left in RocksDB is older than this one now: let it go,
         // table file and all (deletions alone would leave the value on disk until a compaction
         // that may never come to so small a family).
-        if legacy.is_some() {
+        if legacy {
             let cf = self.cf_snapshot();
             let mut batch = WriteBatch::default();
             batch.delete_cf(cf, "meta");
@@ -378,29 +377,6 @@ fn index(meta: &SnapshotMeta) -> Option<u64> {
     meta.last_log_id.map(|l| l.index())
 }
 
-/// The start of a snapshot file: its meta, the meta line as read, and whether the file is of
-/// the first version (no length and checksum line).
-struct FileHead {
-    meta: SnapshotMeta,
-    line: Vec<u8>,
-    v1: bool,
-}
-
-/// Read the header and the meta line of a snapshot file.
-fn read_snapshot_head(r: &mut impl BufRead) -> io::Result<FileHead> {
-    let mut header = Vec::new();
-    r.read_until(b'\n', &mut header)?;
-    let v1 = match header.as_slice() {
-        SNAPSHOT_HEADER => false,
-        SNAPSHOT_HEADER_V1 => true,
-        _ => return Err(invalid_data("not a Concord snapshot file (header)")),
-    };
-    let mut line = Vec::new();
-    r.read_until(b'\n', &mut line)?;
-    let meta = serde_json::from_slice(&line).map_err(invalid_data)?;
-    Ok(FileHead { meta, line, v1 })
-}
-
 /// The snapshot file at `path`: its meta and its state's encoding, or `None` if there is none.
 /// A file whose state is not the length or does not have the checksum written with it is
 /// `InvalidData`.
@@ -410,19 +386,19 @@ fn read_snapshot_file(path: &Path) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>
     };
     let len = f.metadata()?.len() as usize;
     let mut r = BufReader::new(f);
-    let head = read_snapshot_head(&mut r)?;
-    let expected = match head.v1 {
+    let mut header = Vec::new();
+    r.read_until(b'\n', &mut header)?;
+    let v1 = match header.as_slice() {
+        SNAPSHOT_HEADER => false,
+        SNAPSHOT_HEADER_V1 => true,
+        _ => return Err(invalid_data("not a Concord snapshot file (header)")),
+    };
+    let mut meta_line = Vec::new();
+    r.read_until(b'\n', &mut meta_line)?;
+    let meta = serde_json::from_slice(&meta_line).map_err(invalid_data)?;
+    let expected = match v1 {
         true => None,
-        false => {
-            let mut line = String::new();
-            r.read_line(&mut line)?;
-            let parsed = line.strip_suffix('\n').and_then(|l| l.split_once(' '));
-            let Some((size, sum)) = parsed else {
-                return Err(invalid_data("snapshot file: no length and checksum line"));
-            };
-            let size: usize = size.parse().map_err(invalid_data)?;
-            Some((size, sum.to_string()))
-        }
+        false => Some(read_sums_line(&mut r)?),
     };
     let mut data = Vec::with_capacity(len);
     r.read_to_end(&mut data)?;
@@ -433,11 +409,23 @@ fn read_snapshot_file(path: &Path) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>
                 data.len()
             )));
         }
-        if checksum(&head.line, &data) != sum {
+        if checksum(&meta_line, &data) != sum {
             return Err(invalid_data("snapshot file: checksum mismatch"));
         }
     }
-    Ok(Some((head.meta, data)))
+    Ok(Some((meta, data)))
+}
+
+/// A snapshot file's line with the state's length and checksum.
+fn read_sums_line(r: &mut impl BufRead) -> io::Result<(usize, String)> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let parsed = line.strip_suffix('\n').and_then(|l| l.split_once(' '));
+    let Some((size, sum)) = parsed else {
+        return Err(invalid_data("snapshot file: no length and checksum line"));
+    };
+    let size = size.parse().map_err(invalid_data)?;
+    Ok((size, sum.to_string()))
 }
 
 /// Builds a snapshot from a point-in-time copy of the state.
